@@ -1,0 +1,11 @@
+"""ComfyUI node classes: schemas and thin calls into training/ and rewards/."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .lora_nodes import TexForceLoraFuse, TexForceLoraLoader
+
+
+class TexForceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TexForceLoraLoader, TexForceLoraFuse]

@@ -1,0 +1,160 @@
+"""Apply a LoraSet to ComfyUI CLIP/MODEL objects through ComfyUI's own patch mechanism.
+
+Our readers normalise every layout; ComfyUI's `comfy.lora.load_lora` then builds the weight
+patches, so the arithmetic is exactly the one the stock LoraLoader uses.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import comfy.lora
+import comfy.lora_convert
+import torch
+
+from ..training.lora import LoraFileError, LoraModule, LoraSet
+from ..training.lora.keys import slot_for_encoder, split_suffix
+
+_ENCODER_KEY = re.compile(r"^(clip_[lgh])\.transformer\.(.+)\.weight$")
+ENCODER_LABEL = {"clip_l": "CLIP-L", "clip_g": "CLIP-G (SDXL)", "clip_h": "OpenCLIP-H (SD 2.x)"}
+
+
+@dataclass
+class ClipLayout:
+    """What the text encoders of a CLIP object look like: module path -> (state-dict key, weight shape)."""
+
+    encoders: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+
+    @classmethod
+    def of(cls, clip) -> "ClipLayout":
+        encoders: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        for key, param in clip.cond_stage_model.named_parameters():
+            m = _ENCODER_KEY.match(key)
+            if m and param.ndim == 2:
+                encoders.setdefault(m.group(1), {})[m.group(2)] = (key, tuple(param.shape))
+        return cls(encoders)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.encoders)
+
+    @property
+    def family(self) -> str:
+        names = set(self.encoders)
+        if {"clip_l", "clip_g"} <= names or names == {"clip_g"}:
+            return "sdxl"
+        if names == {"clip_h"}:
+            return "sd2"
+        return "sd1"
+
+    def describe(self) -> str:
+        parts = []
+        for name in self.names:
+            q = self.encoders[name].get("text_model.encoder.layers.0.self_attn.q_proj")
+            parts.append(f"{name} (width {q[1][1]})" if q else name)
+        return ", ".join(parts) or "no text encoder"
+
+    def candidates(self, slot: str) -> list[str]:
+        """Encoders a file slot can mean on this CLIP (ComfyUI's own mapping, plus shape checks later)."""
+        names = self.names
+        sdxl = "clip_l" in names and "clip_g" in names
+        if slot in ("clip_l", "clip_g", "clip_h"):
+            return [slot] if slot in names else []
+        if slot == "te2":
+            return ["clip_g"] if sdxl else []
+        if sdxl:
+            return ["clip_l"]
+        return names[:1]
+
+
+@dataclass
+class Resolved:
+    """A LoraSet mapped onto one CLIP: per encoder modules, plus what did not fit and why."""
+
+    modules: dict[tuple[str, str], tuple[str, LoraModule]] = field(default_factory=dict)  # (encoder, path) -> (key, m)
+    unmatched: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def encoders(self) -> list[str]:
+        return sorted({enc for enc, _ in self.modules})
+
+
+def _lora_width(lora: LoraSet) -> str:
+    widths = sorted({m.down.shape[1] for (_, p), m in lora.modules.items() if p.endswith("q_proj")})
+    return "/".join(str(w) for w in widths) or "?"
+
+
+def resolve(lora: LoraSet, layout: ClipLayout) -> Resolved:
+    """Map every text-encoder module of a file onto this CLIP, checking shapes; raise if nothing fits."""
+    res = Resolved()
+    for (slot, path), module in sorted(lora.modules.items()):
+        target = None
+        for enc in layout.candidates(slot):
+            entry = layout.encoders[enc].get(path)
+            if entry is None:
+                continue
+            key, shape = entry
+            if shape == (module.up.shape[0], module.down.shape[1]):
+                target = (enc, key)
+                break
+            res.mismatched.append(f"{slot}:{path} is {module.up.shape[0]}×{module.down.shape[1]}, {enc} has {shape[0]}×{shape[1]}")
+        if target is None:
+            if not any(m.startswith(f"{slot}:{path} ") for m in res.mismatched):
+                res.unmatched.append(f"{slot}:{path}")
+            continue
+        res.modules[target] = (target[1], module)
+    if lora.modules and res.mismatched:
+        raise LoraFileError(
+            f"{lora.source}: its text-encoder weights do not fit this CLIP ({len(res.mismatched)} module(s), e.g. "
+            f"{res.mismatched[0]}). The LoRA was trained for a text encoder of width {_lora_width(lora)}; this CLIP "
+            f"has {layout.describe()}. Use a LoRA made for this model family (SD 1.x, SD 2.x or SDXL)."
+        )
+    if lora.modules and not res.modules:
+        raise LoraFileError(
+            f"{lora.source}: none of its {len(lora.modules)} text-encoder modules (slots {', '.join(lora.slots)}) "
+            f"exist in this CLIP ({layout.describe()}). It is probably for another model family "
+            "(an SDXL LoRA has te1/te2 keys, SD 1.x/2.x have one encoder); load it with a matching checkpoint."
+        )
+    return res
+
+
+def clip_patches(res: Resolved) -> dict:
+    """ComfyUI weight patches for the resolved modules, built by ComfyUI's own LoRA loader."""
+    sd: dict[str, torch.Tensor] = {}
+    key_map: dict[str, str] = {}
+    for i, (_, (key, m)) in enumerate(sorted(res.modules.items())):
+        name = f"texforce_{i}"
+        sd[f"{name}.lora_down.weight"] = m.down
+        sd[f"{name}.lora_up.weight"] = m.up
+        sd[f"{name}.alpha"] = torch.tensor(float(m.alpha))
+        key_map[name] = key
+    return comfy.lora.load_lora(sd, key_map, log_missing=False)
+
+
+def unet_patches(other: dict[str, torch.Tensor], model) -> tuple[dict, list[str]]:
+    """Patches for the U-Net part of a file, and the keys that matched neither U-Net nor text encoder."""
+    if not other:
+        return {}, []
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
+    converted = comfy.lora_convert.convert_lora(dict(other))
+    patches = comfy.lora.load_lora(converted, key_map, log_missing=False) if key_map else {}
+    unmatched = []
+    for key in converted:
+        split = split_suffix(key)
+        prefix = split[0] if split else key.rsplit(".", 1)[0]
+        if prefix not in key_map and key not in key_map:
+            unmatched.append(key)
+    return patches, unmatched
+
+
+def looks_like_unet(keys: list[str]) -> bool:
+    return any(k.startswith(("lora_unet_", "unet.", "diffusion_model.", "lycoris_")) for k in keys)
+
+
+def to_file_slots(res: Resolved, layout: ClipLayout, source: str) -> LoraSet:
+    """A resolved LoRA re-keyed by kohya slot (te / te1 / te2) of this CLIP's family, ready to write."""
+    out = LoraSet(source=source, format="kohya")
+    for (enc, path), (_, m) in res.modules.items():
+        out.modules[(slot_for_encoder(enc, layout.names), path)] = m
+    return out

@@ -1,0 +1,33 @@
+"""Test-only ComfyUI nodes (never shipped): tiny seeded checkpoints so workflows run in a real server."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import tiny_models
+
+
+class TexForceTestTinyCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TexForceTestTinyCheckpoint",
+            display_name="TexForce Test Tiny Checkpoint",
+            category="TexForce/testing",
+            inputs=[io.Combo.Input("family", options=["sd1", "sd2", "sdxl"], default="sd1"),
+                    io.Int.Input("seed", default=0, min=0, max=2**31)],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family: str, seed: int) -> io.NodeOutput:
+        model = tiny_models.tiny_model(seed) if family == "sd1" else None
+        return io.NodeOutput(model, tiny_models.tiny_clip(family, seed), tiny_models.tiny_vae(seed))
+
+
+class _Extension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TexForceTestTinyCheckpoint]
+
+
+async def comfy_entrypoint() -> ComfyExtension:
+    return _Extension()

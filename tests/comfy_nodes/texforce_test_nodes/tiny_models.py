@@ -1,0 +1,110 @@
+"""Tiny, seeded MODEL / CLIP / VAE objects built from real comfy classes (CPU, no downloads).
+
+Key names and module structure are those of the real checkpoints (clip_l / clip_g / clip_h under
+`<enc>.transformer.text_model...`, SD1.5 U-Net under `diffusion_model.`), only the widths are small:
+CLIP-L 32 (3 layers), CLIP-H 40 (3), CLIP-G 48 (4), so a LoRA for one encoder can never fit another by accident.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.text_encoders.sd2_clip
+import comfy.sdxl_clip
+import comfy.supported_models
+
+
+def clip_config(width: int, layers: int) -> dict:
+    return {"hidden_act": "quick_gelu", "hidden_size": width, "intermediate_size": 2 * width,
+            "num_attention_heads": 2, "num_hidden_layers": layers, "max_position_embeddings": 77,
+            "vocab_size": 49408, "layer_norm_eps": 1e-5, "projection_dim": width,
+            "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1}
+
+
+WIDTHS = {"clip_l": (32, 3), "clip_h": (40, 3), "clip_g": (48, 4)}
+
+
+def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
+    """comfy ops leave parameters uninitialised; fill them deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+    return module
+
+
+class _Target:  # the shape of comfy.supported_models_base.ClipTarget
+    def __init__(self, tokenizer, clip):
+        self.tokenizer, self.clip, self.params = tokenizer, clip, {}
+
+
+def _encoder(name: str, **kw):
+    width, layers = WIDTHS[name]
+    return functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=clip_config(width, layers),
+                             model_options={"model_name": name}, **kw)
+
+
+class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+    """comfy's SDXLClipModel (clip_l + clip_g, concatenated output, pooled from clip_g) with tiny encoders."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        torch.nn.Module.__init__(self)
+        self.clip_l = _encoder("clip_l", layer="hidden", layer_idx=-2, layer_norm_hidden_state=False)(
+            device=device, dtype=dtype)
+        self.clip_g = _encoder("clip_g", layer="hidden", layer_idx=-2, layer_norm_hidden_state=False,
+                               special_tokens={"start": 49406, "end": 49407, "pad": 0})(device=device, dtype=dtype)
+        self.dtypes = {dtype}
+
+
+def _make_clip(family: str):
+    if family == "sd1":
+        return _Target(comfy.sd1_clip.SD1Tokenizer,
+                       functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=_encoder("clip_l")))
+    if family == "sd2":
+        h = _encoder("clip_h", layer="hidden", layer_idx=-2, special_tokens={"start": 49406, "end": 49407, "pad": 0})
+        return _Target(comfy.text_encoders.sd2_clip.SD2Tokenizer,
+                       functools.partial(comfy.sd1_clip.SD1ClipModel, clip_name="h", clip_model=h))
+    if family == "sdxl":
+        return _Target(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def tiny_clip(family: str = "sd1", seed: int = 0) -> comfy.sd.CLIP:
+    clip = comfy.sd.CLIP(target=_make_clip(family), model_options={"dtype": torch.float32})
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+TINY_UNET = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+             "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
+             "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+             "context_dim": 32, "num_heads": 2, "num_head_channels": -1,
+             "use_spatial_transformer": True, "use_linear_in_transformer": False, "legacy": False,
+             "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+             "use_checkpoint": False}
+
+
+def tiny_model(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """An SD1.5-config (eps-prediction) U-Net with context width 32, matching the tiny CLIP-L."""
+    cfg = comfy.supported_models.SD15(dict(TINY_UNET))
+    cfg.set_inference_dtype(torch.float32, None)
+    base = init_weights(cfg.get_model({}, device=torch.device("cpu")), seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
+            "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    cfg = {"ddconfig": dict(TINY_VAE), "embed_dim": 4}
+    sd = init_weights(AutoencoderKL(**cfg), seed).state_dict()
+    return comfy.sd.VAE(sd=sd, config={"params": cfg}, dtype=torch.float32)

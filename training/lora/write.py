@@ -1,0 +1,67 @@
+"""Write LoRAs as kohya safetensors: the layout ComfyUI's stock loader, Forge and A1111 all read."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .keys import path_to_kohya_module
+from .types import LoraFileError, LoraSet
+
+FILE_SLOTS = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
+# kohya's ss_base_model_version values, which A1111/Forge show and some tools filter on.
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """`lora_te*_<module>.lora_down/.lora_up/.alpha` for every module; slots must be te, te1 or te2."""
+    out: dict[str, torch.Tensor] = {}
+    for (slot, path), m in sorted(lora.modules.items()):
+        if slot not in FILE_SLOTS:
+            raise LoraFileError(f"{lora.source}: module {path} is on encoder {slot!r}; map it to te/te1/te2 before writing")
+        name = f"{FILE_SLOTS[slot]}_{path_to_kohya_module(path)}"
+        out[f"{name}.lora_down.weight"] = m.down.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = m.up.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    return out
+
+
+def kohya_metadata(lora: LoraSet, family: str | None, extra: dict[str, object] | None = None) -> dict[str, str]:
+    """kohya's ss_* fields (rank, alpha, base model) plus our own texforce.* fields, all as strings."""
+    ranks, alphas = lora.ranks(), lora.alphas()
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(ranks)) if ranks else "0",
+        "ss_network_alpha": str(alphas[0] if len(alphas) == 1 else max(alphas, default=0.0)),
+        "ss_network_args": json.dumps({"text_encoder_only": True}),
+    }
+    if family:
+        meta["ss_base_model_version"] = BASE_MODEL_VERSION.get(family, family)
+        meta["ss_v2"] = str(family == "sd2")
+        meta["texforce.family"] = family
+    for key, value in (extra or {}).items():
+        meta[key if key.startswith(("ss_", "texforce.")) else f"texforce.{key}"] = (
+            value if isinstance(value, str) else json.dumps(value))
+    return meta
+
+
+def save_kohya(lora: LoraSet, path: str | Path, family: str | None = None,
+               metadata: dict[str, object] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write atomically (temp file + rename), so a crash never leaves a half-written LoRA behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = kohya_state_dict(lora, dtype)
+    meta = kohya_metadata(lora, family, metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
