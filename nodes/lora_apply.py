@@ -96,14 +96,21 @@ def resolve(lora: LoraSet, layout: ClipLayout) -> Resolved:
                 continue
             key, shape = entry
             if shape == (module.up.shape[0], module.down.shape[1]):
-                target = (enc, key)
+                target = (enc, path, key)
                 break
             res.mismatched.append(f"{slot}:{path} is {module.up.shape[0]}×{module.down.shape[1]}, {enc} has {shape[0]}×{shape[1]}")
         if target is None:
             if not any(m.startswith(f"{slot}:{path} ") for m in res.mismatched):
                 res.unmatched.append(f"{slot}:{path}")
             continue
-        res.modules[target] = (target[1], module)
+        res.modules[target[:2]] = (target[2], module)
+    missing_slots = sorted({u.split(":")[0] for u in res.unmatched} - {s for s in lora.slots if layout.candidates(s)})
+    if missing_slots:
+        raise LoraFileError(
+            f"{lora.source}: has weights for text encoder slot(s) {', '.join(missing_slots)}, which this CLIP "
+            f"({layout.family}: {layout.describe()}) does not have. It is probably for another model family "
+            "(te1/te2 keys mean SDXL); load it with a matching checkpoint."
+        )
     if lora.modules and res.mismatched:
         raise LoraFileError(
             f"{lora.source}: its text-encoder weights do not fit this CLIP ({len(res.mismatched)} module(s), e.g. "
