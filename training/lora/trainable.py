@@ -1,0 +1,62 @@
+"""The LoRA being trained: plain torch parameters keyed like our LoRA files, so saving is a re-keying."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .types import LoraFileError, LoraModule, LoraSet
+from .write import kohya_state_dict
+
+
+class TrainableLora(torch.nn.Module):
+    """ΔW = (alpha/rank)·up@down per target linear. PEFT's init: down Kaiming-uniform, up zero, so ΔW = 0 at start."""
+
+    def __init__(self, shapes: dict[tuple[str, str], tuple[int, int]], rank: int = 16, alpha: float = 16.0,
+                 seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.keys = sorted(shapes)
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scale = self.alpha / self.rank
+        self.enabled = True
+        g = torch.Generator().manual_seed(seed)
+        downs, ups = [], []
+        for key in self.keys:
+            out_f, in_f = shapes[key]
+            down = torch.empty(self.rank, in_f, dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=g)
+            downs.append(torch.nn.Parameter(down.to(device, dtype)))
+            ups.append(torch.nn.Parameter(torch.zeros(out_f, self.rank, dtype=dtype, device=device)))
+        self.down = torch.nn.ParameterList(downs)
+        self.up = torch.nn.ParameterList(ups)
+
+    def delta(self, index: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        up, down = self.up[index], self.down[index]
+        return (up.to(device, dtype) @ down.to(device, dtype)) * self.scale
+
+    def to_lora_set(self, source: str = "trained") -> LoraSet:
+        lora = LoraSet(source=source, format="kohya")
+        for key, down, up in zip(self.keys, self.down, self.up):
+            lora.modules[key] = LoraModule(down=down.detach().float().cpu(), up=up.detach().float().cpu(), alpha=self.alpha)
+        return lora
+
+    def kohya_state(self) -> dict[str, torch.Tensor]:
+        return kohya_state_dict(self.to_lora_set())
+
+    def load_lora_set(self, lora: LoraSet) -> None:
+        """Load weights of the same layout (resume, or continue training a saved LoRA)."""
+        missing = [k for k in self.keys if k not in lora.modules]
+        if missing:
+            raise LoraFileError(f"{lora.source}: has no weights for {len(missing)} trained module(s), e.g. {missing[0]}; "
+                                "it was trained on another encoder layout.")
+        with torch.no_grad():
+            for i, key in enumerate(self.keys):
+                m = lora.modules[key]
+                if m.rank != self.rank or m.down.shape != self.down[i].shape or m.up.shape != self.up[i].shape:
+                    raise LoraFileError(f"{lora.source}: {key[1]} has rank {m.rank} / shape {tuple(m.up.shape)}×"
+                                        f"{tuple(m.down.shape)}, this run uses rank {self.rank}.")
+                # Keep ΔW exact under our alpha: fold any alpha difference into `up`.
+                self.down[i].copy_(m.down)
+                self.up[i].copy_(m.up * (m.scale / self.scale))
