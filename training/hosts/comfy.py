@@ -1,0 +1,219 @@
+"""The ComfyUI host: trains a LoRA on the text encoder of the CLIP the graph loaded, through ComfyUI's own calls.
+
+What makes gradients flow inside ComfyUI (DESIGN.md §5), all on clones so the user's objects stay as they were:
+- every node runs under inference mode, so the frozen weights are inference tensors that autograd cannot
+  save: each comfy-op weight/bias on the gradient path gets a weight wrapper that returns a detached copy
+  (ComfyUI copies a weight when a module has wrappers; the detach keeps U-Net parameters out of autograd);
+- the LoRA itself is a weight wrapper on q/k/v/out of every CLIP layer: W + (α/r)·B·A;
+- `CLIPLayer.forward` adds residuals in place, which breaks backward: an out-of-place forward is swapped in
+  per instance for the training pass and restored afterwards (the CLIP module is shared by all clones);
+- the U-Net is called through `comfy.samplers.sampling_function`, as ComfyUI's samplers do, so cfg functions,
+  model_function_wrapper and transformer patches the user put on the MODEL are honoured, and SDXL's pooled
+  and size conditioning are built by the model's own `extra_conds`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import types
+from typing import Iterator
+
+import torch
+
+import comfy.clip_model
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..host import Cond, Predict
+from ..lora.keys import slot_for_encoder
+from ..lora.trainable import TrainableLora
+
+_TARGET = re.compile(r"^(clip_[lgh])\.transformer\.(text_model\.encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj)$")
+
+
+def _detached(w: torch.Tensor) -> torch.Tensor:
+    return w.detach()
+
+
+def _wrap_all(patcher: comfy.model_patcher.ModelPatcher, skip: set[str] = frozenset()) -> None:
+    """Identity (detach) wrappers on every comfy-op weight and bias, so the frozen model is usable in autograd."""
+    for name, module in patcher.model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        for param in ("weight", "bias"):
+            key = f"{name}.{param}"
+            if getattr(module, param, None) is not None and key not in skip:
+                patcher.add_weight_wrapper(key, _detached)
+
+
+def _clip_layer_forward_out_of_place(self, x, mask=None, optimized_attention=None):
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class _LoraWrapper:
+    """Weight wrapper computing W + ΔW for one target; reads the host's LoRA (and its on/off switch) at call time."""
+
+    def __init__(self, lora: TrainableLora, index: int):
+        self.lora, self.index = lora, index
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.detach()
+        if not self.lora.enabled:
+            return w
+        return w + self.lora.delta(self.index, w.dtype, w.device)
+
+
+class ComfyHost:
+    """Implements training.host.Host on ComfyUI MODEL / CLIP / VAE objects (which it never modifies)."""
+
+    def __init__(self, model, clip, vae, rank: int = 16, alpha: float = 16.0, seed: int = 0,
+                 encoders: list[str] | None = None):
+        self._check_model(model)
+        self.vae = vae
+        self.device = model.load_device
+        sampling = model.model.model_sampling
+        self.alphas_cumprod = (1.0 / (1.0 + sampling.sigmas.detach().float().cpu() ** 2)).contiguous()
+        self.sample_sigmas: torch.Tensor | None = None  # the run's DDIM sigmas, for MODEL patches that read them
+
+        self.clip = clip.clone()
+        shapes, keys = {}, {}
+        for name, module in self.clip.cond_stage_model.named_modules():
+            m = _TARGET.match(name)
+            if m and (encoders is None or m.group(1) in encoders):
+                keys[(m.group(1), m.group(2))] = f"{name}.weight"
+        present = sorted({enc for enc, _ in keys})
+        if not keys:
+            raise ValueError(f"this CLIP has no trainable CLIP text encoder (asked for {encoders}); "
+                             "TexForce trains CLIP-L / CLIP-G / OpenCLIP-H encoders only.")
+        params = dict(self.clip.cond_stage_model.named_parameters())
+        for (enc, path), key in keys.items():
+            shapes[(slot_for_encoder(enc, present), path)] = tuple(params[key].shape)
+        self.encoders = present
+        with torch.inference_mode(False):  # nodes run in inference mode; trainable tensors must not be inference tensors
+            self.lora = TrainableLora(shapes, rank=rank, alpha=alpha, seed=seed, device=self.clip.patcher.load_device)
+        by_slot = {(slot_for_encoder(enc, present), path): key for (enc, path), key in keys.items()}
+        for index, slot_key in enumerate(self.lora.keys):
+            self.clip.patcher.add_weight_wrapper(by_slot[slot_key], _LoraWrapper(self.lora, index))
+        _wrap_all(self.clip.patcher, skip=set(by_slot.values()))
+
+        self._model_sample = model.clone()
+        self._model_train = model.clone()
+        _wrap_all(self._model_train)
+        self._model = self._model_sample
+
+    @staticmethod
+    def _check_model(model) -> None:
+        sampling = getattr(getattr(model, "model", None), "model_sampling", None)
+        if sampling is None or not hasattr(sampling, "sigmas") or sampling.sigmas.numel() < 2:
+            raise ValueError("TexForce training needs a diffusion MODEL with a discrete noise schedule "
+                             "(SD 1.x, SD 2.x, SDXL).")
+        if type(sampling).__name__.startswith(("ModelSamplingFlux", "ModelSamplingDiscreteFlow", "ModelSamplingContinuousV")):
+            raise ValueError(f"{type(sampling).__name__} models (flow matching / continuous schedules) are not "
+                             "supported: the DDIM log-probability needs a discrete VP schedule.")
+
+    # -- Host interface -------------------------------------------------------------------------
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        fmt = self._model.model.latent_format
+        ratio = getattr(fmt, "spacial_downscale_ratio", 8)
+        return fmt.latent_channels, height // ratio, width // ratio
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.lora.parameters())
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return self.lora.kohya_state()
+
+    def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
+        from ..lora.keys import parse_state_dict
+
+        self.lora.load_lora_set(parse_state_dict(state, source="checkpoint"))
+
+    @contextlib.contextmanager
+    def lora_enabled(self, enabled: bool) -> Iterator[None]:
+        before = self.lora.enabled
+        self.lora.enabled = enabled
+        try:
+            yield
+        finally:
+            self.lora.enabled = before
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """One forward per distinct prompt (repeats share it); pads multi-chunk prompts as ComfyUI's concat does."""
+        unique = list(dict.fromkeys(prompts))
+        outs = {p: self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True) for p in unique}
+        length = math.lcm(*(c.shape[1] for c, _ in outs.values()))
+        conds = {p: c.repeat(1, length // c.shape[1], 1) for p, (c, _) in outs.items()}
+        cond = torch.cat([conds[p] for p in prompts]).float()
+        out: Cond = {"cross_attn": cond}
+        pooled = [outs[p][1] for p in prompts]
+        if all(x is not None for x in pooled):
+            out["pooled"] = torch.cat(pooled).float()
+        return out
+
+    @contextlib.contextmanager
+    def predictor(self, cond: Cond, uncond: Cond, guidance: float) -> Iterator[Predict]:
+        model = self._model
+        batch = cond["cross_attn"].shape[0]
+        if uncond["cross_attn"].shape[0] != batch:
+            uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in uncond.items()}
+        options = comfy.model_patcher.create_model_options_clone(model.model_options)
+        if self.sample_sigmas is not None:
+            options.setdefault("transformer_options", {})["sample_sigmas"] = self.sample_sigmas
+        device = model.load_device
+        abar_table = self.alphas_cumprod.to(device)
+        state: dict = {}
+
+        def prepare(shape: torch.Size) -> dict:
+            # What ComfyUI's CFGGuider does before sampling: load the models, let the model build its conds
+            # (SDXL: pooled + size conditioning from the latent size).
+            conds = {"positive": comfy.sampler_helpers.convert_cond([_comfy_cond(cond)]),
+                     "negative": comfy.sampler_helpers.convert_cond([_comfy_cond(uncond)])}
+            real_model, conds, extra = comfy.sampler_helpers.prepare_sampling(model, shape, conds, options)
+            conds = comfy.samplers.process_conds(real_model, torch.zeros(shape, device=device), conds, device)
+            model.pre_run()
+            return {"shape": shape, "model": real_model, "conds": conds, "extra": extra}
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if state.get("shape") != x.shape:
+                state.update(prepare(x.shape))
+            abar = abar_table[t.to(device)]
+            sigma = ((1 - abar) / abar).sqrt()
+            x_k = x.to(device) * (1 + sigma**2).sqrt().view(-1, 1, 1, 1)
+            conds = state["conds"]
+            denoised = comfy.samplers.sampling_function(state["model"], x_k, sigma, conds["negative"],
+                                                        conds["positive"], guidance, model_options=options)
+            return ((x_k - denoised.float()) / sigma.view(-1, 1, 1, 1)).float()
+
+        try:
+            yield predict
+        finally:
+            if state:
+                model.cleanup()
+                comfy.sampler_helpers.cleanup_models(state["conds"], state["extra"])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            images = self.vae.decode(self._model.model.process_latent_out(latents.to(self.device)))
+        return images.float().clamp(0, 1)
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        layers = [m for m in self.clip.cond_stage_model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)]
+        self._model = self._model_train
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                for layer in layers:
+                    layer.forward = types.MethodType(_clip_layer_forward_out_of_place, layer)
+                yield
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+            self._model = self._model_sample
+
+def _comfy_cond(c: Cond) -> list:
+    extra = {"pooled_output": c["pooled"]} if "pooled" in c else {}
+    return [c["cross_attn"], extra]
