@@ -52,3 +52,19 @@ def loras_dir(tmp_path, monkeypatch):
     folder_paths.filename_list_cache.pop("loras", None)
     yield d
     folder_paths.filename_list_cache.pop("loras", None)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real ComfyUI server for the session: this pack (as 'ComfyUI-TexForce') plus the test-only nodes."""
+    from comfy_server import ComfyClient, start_test_server, stop_server
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    srv = start_test_server(base, [TEST_NODES])
+    client = ComfyClient(srv.url)
+    client.base = base
+    client.log_path = srv.log_path
+    try:
+        yield client
+    finally:
+        stop_server(srv)
