@@ -1,0 +1,114 @@
+"""Policy losses (training/losses.py) and rewards → advantages (training/advantages.py)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import conftest  # noqa: F401
+from texforce_pack.training import advantages as adv_mod
+from texforce_pack.training.losses import dpok_kl, ppo_clip_loss, sf_loss
+
+
+def test_ppo_loss_at_ratio_one_is_minus_mean_advantage_and_its_gradient_is_the_score_function():
+    lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    out = ppo_clip_loss(lp, lp.detach(), adv, clip_range=1e-4, adv_clip_max=5.0)
+    assert out.loss.item() == pytest.approx(-adv.mean().item())
+    assert out.approx_kl.item() == 0 and out.clipfrac.item() == 0
+    assert torch.equal(out.ratio, torch.ones(3))
+    out.loss.backward()
+    torch.testing.assert_close(lp.grad, -adv / 3)  # = ∇ SF loss at r = 1
+
+
+def test_ppo_clip_stops_the_gradient_beyond_the_clip_range_in_the_improving_direction():
+    old = torch.zeros(4)
+    # ratios 1.5 and 0.5, positive and negative advantages
+    lp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    out = ppo_clip_loss(lp, old, adv, clip_range=0.2, adv_clip_max=5.0)
+    out.loss.backward()
+    # A>0 with r>1+ε and A<0 with r<1−ε are clipped (no gradient); the other two still pull back
+    assert lp.grad[0] == 0 and lp.grad[3] == 0
+    assert lp.grad[1] != 0 and lp.grad[2] != 0
+    assert out.clipfrac.item() == 1.0
+    assert out.approx_kl.item() == pytest.approx(0.5 * torch.mean(lp.detach() ** 2).item())
+
+
+def test_advantages_are_clipped_in_the_loss():
+    lp = torch.zeros(2, requires_grad=True)
+    out = ppo_clip_loss(lp, lp.detach(), torch.tensor([100.0, -100.0]), 1e-4, adv_clip_max=5.0)
+    out.loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([-2.5, 2.5]))
+    lp2 = torch.zeros(2, requires_grad=True)
+    sf_loss(lp2, lp2.detach(), torch.tensor([100.0, -100.0]), adv_clip_max=5.0).loss.backward()
+    torch.testing.assert_close(lp2.grad, torch.tensor([-2.5, 2.5]))
+
+
+def test_sf_loss_is_reinforce():
+    lp = torch.tensor([-1.0, -3.0], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0])
+    out = sf_loss(lp, torch.tensor([-1.0, -2.0]), adv, adv_clip_max=5.0)
+    assert out.loss.item() == pytest.approx(-(2.0 * -1.0 + -1.0 * -3.0) / 2)
+    assert out.approx_kl.item() == pytest.approx(0.25)  # ½ mean([0, 1])
+
+
+def test_dpok_kl_is_weighted_mean_squared_eps_difference_with_no_gradient_to_the_reference():
+    eps = torch.ones(2, 4, 2, 2, requires_grad=True)
+    ref = torch.zeros(2, 4, 2, 2, requires_grad=True)
+    kl = dpok_kl(eps, ref, weight=0.1)
+    assert kl.item() == pytest.approx(0.1)
+    kl.backward()
+    assert ref.grad is None and eps.grad.abs().sum() > 0
+
+
+def test_batch_and_group_zscores():
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    a = adv_mod.batch_advantages(r)
+    assert a.mean().abs() < 1e-6 and a.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    prompts = ["a", "a", "a", "b", "b", "b"]
+    g = adv_mod.group_advantages(r, prompts)
+    torch.testing.assert_close(g[:3], g[3:], rtol=1e-5, atol=1e-5)  # each group normalised on its own
+    torch.testing.assert_close(g[:3], adv_mod.batch_advantages(r[:3]))
+
+
+def test_per_prompt_tracker_falls_back_to_batch_stats_until_min_count_then_uses_its_buffer():
+    t = adv_mod.PerPromptStatTracker(buffer_size=4, min_count=4)
+    prompts = ["a", "a", "b", "b"]
+    r1 = torch.tensor([1.0, 3.0, 100.0, 102.0])
+    torch.testing.assert_close(t.update(prompts, r1), adv_mod.batch_advantages(r1))  # 2 < min_count
+    r2 = torch.tensor([5.0, 7.0, 104.0, 106.0])
+    a2 = t.update(prompts, r2)  # now 4 each: per-prompt statistics, so both prompts look alike
+    hist_a = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    expected = (r2[:2] - hist_a.mean()) / (hist_a.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(a2[:2], expected)
+    torch.testing.assert_close(a2[:2], a2[2:])
+    t.update(["a"], torch.tensor([9.0]))
+    assert list(t.buffers["a"]) == [3.0, 5.0, 7.0, 9.0]  # deque of buffer_size
+    # state round-trips through plain containers (weights_only checkpoints)
+    t2 = adv_mod.PerPromptStatTracker(1, 1)
+    t2.load_state_dict(t.state_dict())
+    assert t2.buffer_size == 4 and t2.min_count == 4
+    assert {k: list(v) for k, v in t2.buffers.items()} == {k: list(v) for k, v in t.buffers.items()}
+    torch.testing.assert_close(t2.update(prompts, r2), t.update(prompts, r2))
+
+
+def test_compute_advantages_dispatches_and_rejects_unknown_modes():
+    r = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    p = ["x", "x", "y", "y"]
+    torch.testing.assert_close(adv_mod.compute_advantages("batch", r, p), adv_mod.batch_advantages(r))
+    torch.testing.assert_close(adv_mod.compute_advantages("group", r, p), adv_mod.group_advantages(r, p))
+    assert adv_mod.compute_advantages("per_prompt", r, p, adv_mod.PerPromptStatTracker(16, 16)).shape == (4,)
+    with pytest.raises(ValueError, match="unknown advantage mode"):
+        adv_mod.compute_advantages("rank", r, p)
+
+
+def test_non_finite_rewards_are_dropped_with_a_warning_and_all_bad_is_an_error(caplog):
+    r = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+    with caplog.at_level(logging.WARNING):
+        keep = adv_mod.finite_mask(r, ["a", "b", "c", "d"])
+    assert keep.tolist() == [True, False, True, False]
+    assert "dropping 2 of 4" in caplog.text and "'b'" in caplog.text
+    with pytest.raises(adv_mod.RewardError, match="all 2 rewards are NaN"):
+        adv_mod.finite_mask(torch.tensor([float("nan"), -float("inf")]))

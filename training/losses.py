@@ -1,0 +1,67 @@
+"""Policy losses over one denoising step: DDPO-IS (PPO clip), DDPO-SF (REINFORCE) and DPOK's KL term.
+
+All inputs are per-sample fp32 log-probs (B,) from `ddim.ddim_step` (means over latent elements) and
+per-sample advantages (B,). Advantages are clipped to ±A_max here, not in the advantage code, so the
+logged rewards/advantages stay the raw ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PolicyLoss:
+    """A differentiable scalar loss and the PPO diagnostics (detached) for logging."""
+
+    loss: torch.Tensor
+    approx_kl: torch.Tensor  # ½ mean(Δlog p²): how far the policy moved from the sampling policy
+    clipfrac: torch.Tensor  # fraction of samples whose ratio left [1−ε, 1+ε]
+    ratio: torch.Tensor  # (B,) importance ratios, detached
+
+
+def _diagnostics(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    delta = log_prob - old_log_prob
+    ratio = torch.exp(delta)
+    with torch.no_grad():
+        approx_kl = 0.5 * torch.mean(delta.detach() ** 2)
+        clipfrac = torch.mean((torch.abs(ratio.detach() - 1.0) > clip_range).float())
+    return ratio, approx_kl, clipfrac
+
+
+def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                  clip_range: float, adv_clip_max: float) -> PolicyLoss:
+    """DDPO-IS: L = mean max(−A'r, −A' clamp(r, 1−ε, 1+ε)), r = exp(log p − log p_old), A' = clamp(A, ±A_max).
+
+    The clip keeps several optimizer steps per epoch on-policy enough; with log-probs that are means
+    over latent elements, ε = 1e-4 is the reference value.
+    """
+    adv = advantages.float().clamp(-adv_clip_max, adv_clip_max)
+    ratio, approx_kl, clipfrac = _diagnostics(log_prob.float(), old_log_prob.float(), clip_range)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.mean(torch.maximum(unclipped, clipped))
+    return PolicyLoss(loss, approx_kl, clipfrac, ratio.detach())
+
+
+def sf_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+            adv_clip_max: float, clip_range: float = 1e-4) -> PolicyLoss:
+    """DDPO-SF (REINFORCE): L = −mean(A' log p). Unbiased only for the first update after sampling.
+
+    `old_log_prob` and `clip_range` only feed the diagnostics, so SF and IS runs log the same numbers.
+    """
+    adv = advantages.float().clamp(-adv_clip_max, adv_clip_max)
+    ratio, approx_kl, clipfrac = _diagnostics(log_prob.float(), old_log_prob.float(), clip_range)
+    loss = -torch.mean(adv * log_prob.float())
+    return PolicyLoss(loss, approx_kl, clipfrac, ratio.detach())
+
+
+def dpok_kl(eps: torch.Tensor, eps_ref: torch.Tensor, weight: float) -> torch.Tensor:
+    """DPOK's KL penalty β·mean((ε̂_θ − ε̂_ref)²).
+
+    For two Gaussians with the same σ_t the per-step KL is ‖μ_θ − μ_ref‖²/(2σ_t²), and μ is affine in ε̂,
+    so this is that KL up to a per-timestep constant. The reference is the same model with the LoRA off.
+    """
+    return weight * torch.mean((eps.float() - eps_ref.detach().float()) ** 2)
