@@ -200,7 +200,7 @@ def validate(cfg: TrainConfig, schedule_length: int = 1000) -> list[str]:
         errors.append(f"timestep_fraction = {cfg.timestep_fraction} must be in (0, 1]")
     elif cfg.num_steps >= 1 and train_timesteps(cfg) < 1:
         errors.append(f"timestep_fraction = {cfg.timestep_fraction} of {cfg.num_steps} steps trains 0 timesteps; "
-                      f"raise it to at least {0.5 / cfg.num_steps:.3g} or use more steps")
+                      f"raise it to at least {1 / cfg.num_steps:.3g} or use more steps")
     if ok:
         n = cfg.images_per_epoch
         if n % cfg.sample_batch_size:

@@ -211,7 +211,8 @@ class Trainer:
                         approx_kl=_mean(info["approx_kl"]), clipfrac=_mean(info["clipfrac"]), kl=_mean(info["kl"]),
                         grad_norm=float(sum(info["grad_norm"]) / max(1, len(info["grad_norm"]))),
                         lr=info["lr"], optimizer_steps=info["steps"], skipped_steps=info["skipped"],
-                        ratio_error_before_update=info["ratio_error"],
+                        ratio_error_before_update=float(torch.stack(info["ratio_errors"]).max())
+                        if info["ratio_errors"] else 0.0,
                         seconds_sampling=max(0.0, t1 - t0 - self._reward_seconds),
                         seconds_reward=self._reward_seconds, seconds_training=t2 - t1)
                     self.last_images, self.last_prompts, self.last_rewards = traj.images, traj.prompts, traj.rewards
@@ -316,7 +317,7 @@ class Trainer:
         n, steps = len(batch), len(self.schedule)
         info: dict[str, Any] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "grad_norm": [],
                                 "lr": self.optimizer.param_groups[0]["lr"], "steps": 0, "skipped": 0,
-                                "ratio_error": 0.0, "updated": False}
+                                "ratio_errors": [], "updated": False}
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=self.gen_train)
@@ -336,7 +337,7 @@ class Trainer:
         into the LoRA parameters. Public for tests and benchmarks; `run` is the normal entry point."""
         cfg, host, sched = self.cfg, self.host, self._sched
         info = info if info is not None else {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [],
-                                              "ratio_error": 0.0, "updated": True}
+                                              "ratio_errors": [], "updated": True}
         dev = batch.latents.device
         b, k = columns.shape
         rows = torch.arange(b, device=dev)
@@ -376,8 +377,8 @@ class Trainer:
             info["loss"].append(out.loss.detach())
             info["approx_kl"].append(out.approx_kl)
             info["clipfrac"].append(out.clipfrac)
-            if not info["updated"]:
-                info["ratio_error"] = max(info["ratio_error"], float((out.ratio - 1).abs().max()))
+            if not info["updated"]:  # kept as tensors: no device sync per micro-step
+                info["ratio_errors"].append((out.ratio - 1).abs().max())
 
         if cfg.encode_once_per_microbatch:
             cond, uncond = host.encode(prompts), host.encode([cfg.negative_prompt])
