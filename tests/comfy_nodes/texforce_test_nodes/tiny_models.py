@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
@@ -92,8 +93,10 @@ TINY_UNET = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_chann
              "use_checkpoint": False}
 
 
-def init_fan_in(module: torch.nn.Module, seed: int, cross_attn_gain: float = 10.0) -> torch.nn.Module:
-    """Weights ~ N(0, 1/fan_in), biases and norms at their identity, cross-attention outputs × gain.
+def init_fan_in(module: torch.nn.Module, seed: int, cross_attn_gain: float = 10.0,
+                output_gain: float = 1.0) -> torch.nn.Module:
+    """Weights ~ N(0, 1/fan_in), biases and norms at their identity, cross-attention outputs × cross_attn_gain,
+    the U-Net's last conv × output_gain.
 
     With N(0, 0.02) everywhere the prompt moves x0 by ~1e-8 and nothing can be learned from the text
     encoder; this initialisation makes the text pathway control the image (tests measure by how much).
@@ -106,6 +109,8 @@ def init_fan_in(module: torch.nn.Module, seed: int, cross_attn_gain: float = 10.
                 w = torch.randn(p.shape, generator=g) / fan_in**0.5
                 if ".attn2.to_out." in name:
                     w = w * cross_attn_gain
+                if name.startswith("diffusion_model.out.2."):
+                    w = w * output_gain
                 p.copy_(w.to(p.dtype))
             elif name.endswith("weight") and "norm" in name:
                 p.fill_(1.0)
@@ -114,7 +119,8 @@ def init_fan_in(module: torch.nn.Module, seed: int, cross_attn_gain: float = 10.
     return module
 
 
-def tiny_model(seed: int = 0, text_controls_image: bool = False) -> comfy.model_patcher.ModelPatcher:
+def tiny_model(seed: int = 0, text_controls_image: bool = False, v_prediction: bool = False,
+               output_gain: float = 1.0) -> comfy.model_patcher.ModelPatcher:
     """An SD1.5-config (eps-prediction) U-Net with context width 32, matching the tiny CLIP-L.
 
     text_controls_image: fan-in initialisation with strong cross-attention (see init_fan_in), for the
@@ -122,8 +128,12 @@ def tiny_model(seed: int = 0, text_controls_image: bool = False) -> comfy.model_
     """
     cfg = comfy.supported_models.SD15(dict(TINY_UNET))
     cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, device=torch.device("cpu"))
-    base = init_fan_in(model, seed) if text_controls_image else init_weights(model, seed)
+    if v_prediction:
+        model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION,
+                                           device=torch.device("cpu"))
+    else:
+        model = cfg.get_model({}, device=torch.device("cpu"))
+    base = init_fan_in(model, seed, output_gain=output_gain) if text_controls_image else init_weights(model, seed)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
@@ -132,9 +142,12 @@ TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 
             "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
-def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
+def tiny_vae(seed: int = 0, text_controls_image: bool = False) -> comfy.sd.VAE:
+    """text_controls_image: fan-in initialisation, so the decoded image follows the latent (N(0, 0.02)
+    weights decode every latent to flat grey)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     cfg = {"ddconfig": dict(TINY_VAE), "embed_dim": 4}
-    sd = init_weights(AutoencoderKL(**cfg), seed).state_dict()
+    vae = AutoencoderKL(**cfg)
+    sd = (init_fan_in(vae, seed, cross_attn_gain=1.0) if text_controls_image else init_weights(vae, seed)).state_dict()
     return comfy.sd.VAE(sd=sd, config={"params": cfg}, dtype=torch.float32)

@@ -1,0 +1,198 @@
+"""TexForceTrain: DDPO/PPO on a text-encoder LoRA, on the MODEL/CLIP/VAE the graph loaded, in this process."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..training.config import PRESETS, ConfigError, config_to_dict, make_config, validate
+from ..training.ddim import ddim_schedule
+from ..training.hosts.comfy import ComfyHost
+from ..training.lora import LoraFileError, read_lora, save_kohya
+from ..training.loop import Trainer, TrainingCancelled
+from .lora_apply import ClipLayout, clip_patches, resolve
+from .lora_files import save_path
+from .reward_curve import reward_curve_image
+from .reward_nodes import Reward
+
+log = logging.getLogger(__name__)
+LORA_SUBFOLDER = "texforce"
+EVENT = "texforce.progress"
+
+
+def run_dir(name: str) -> Path:
+    """output/texforce/<name>/: the resumable checkpoint and the per-epoch history of a run."""
+    lora = save_path(name, LORA_SUBFOLDER)
+    rel = lora.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve() / LORA_SUBFOLDER)
+    return Path(folder_paths.get_output_directory()) / "texforce" / rel.with_suffix("")
+
+
+def _send(payload: dict) -> None:
+    try:
+        from server import PromptServer
+
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_sync(EVENT, payload)
+    except Exception:  # no server (in-process use): the event only feeds the browser chart
+        log.debug("no server to send %s to", EVENT)
+
+
+def _prompt_list(text: str) -> list[str]:
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise ConfigError("prompts is empty: write one training prompt per line.")
+    return prompts
+
+
+class TexForceTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TexForceTrain",
+            display_name="TexForce Train (DDPO on text encoder)",
+            category="TexForce/training",
+            is_output_node=True,
+            description="Trains a LoRA on the text encoder with reinforcement learning (DDPO/PPO; DPOK's KL as "
+                        "an option) against a reward, on the loaded checkpoint. Saves to models/loras/texforce/ "
+                        "every epoch; Cancel keeps the last finished epoch and the run can be resumed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to sample with (frozen). U-Net LoRAs and "
+                                                "model patches on it are used during training."),
+                io.Clip.Input("clip", tooltip="The text encoder the LoRA is trained on (left unchanged)."),
+                io.Vae.Input("vae", tooltip="Decodes samples for the reward."),
+                Reward.Input("reward", tooltip="What to maximise (a TexForce reward node)."),
+                io.String.Input("prompts", multiline=True, default="a photo of a cat\na photo of a dog",
+                                tooltip="Training prompts, one per line (lines starting with # are skipped)."),
+                io.Combo.Input("preset", options=list(PRESETS), default="texforce",
+                               tooltip="texforce: PPO, half the timesteps, no KL. ddpo: all timesteps, constant lr. "
+                                       "dpok: adds a KL penalty to the model without the LoRA."),
+                io.Int.Input("epochs", default=20, min=1, max=100000,
+                             tooltip="Total epochs of the run (a resumed run continues up to this)."),
+                io.Int.Input("images_per_epoch", default=32, min=1, max=4096,
+                             tooltip="Samples per epoch. Time per epoch is linear in it; more gives a less noisy "
+                                     "gradient."),
+                io.Int.Input("images_per_prompt", default=4, min=1, max=256,
+                             tooltip="Images of one prompt per epoch (group advantages need ≥ 2)."),
+                io.Int.Input("batch_size", default=4, min=1, max=256,
+                             tooltip="Images per sampling batch and per training micro-batch: memory only. "
+                                     "images_per_epoch must be a multiple of it."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Sample width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Sample height in pixels."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="DDIM steps per sample. Sampling time is linear in it; half are trained "
+                                     "(texforce preset)."),
+                io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance, the same at sampling and training."),
+                io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="DDIM noise. Must be > 0 (the log-probability needs noise); 1 is the reference."),
+                io.Float.Input("learning_rate", default=3e-4, min=0.0, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate for the LoRA (3e-4 reference), with warm-up + cosine."),
+                io.Int.Input("lora_rank", default=16, min=1, max=256,
+                             tooltip="LoRA rank (alpha = rank). 16 is TexForce's (1.18 M parameters on SD 1.x)."),
+                io.Float.Input("kl_weight", default=-1.0, min=-1.0, max=10.0, step=0.001,
+                               tooltip="DPOK's β (KL to the model without the LoRA); -1 = the preset's value. "
+                                       "Costs one extra no-grad pass per trained step when > 0."),
+                io.Combo.Input("advantage", options=["preset", "per_prompt", "batch", "group"], default="preset",
+                               tooltip="How rewards become advantages: per-prompt running statistics (DDPO), the "
+                                       "whole batch (large-scale RL), or the images of each prompt (GRPO)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seeds the LoRA init, prompts, noise and timestep choice: same seed, same run."),
+                io.String.Input("lora_name", default="texforce_run",
+                                tooltip="Saved as models/loras/texforce/<name>.safetensors; the checkpoint goes to "
+                                        "output/texforce/<name>/."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Continue this run from its checkpoint. Off: refuse if the run exists "
+                                         "(nothing is overwritten)."),
+            ],
+            outputs=[
+                io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied."),
+                io.String.Output(display_name="lora_path", tooltip="The saved LoRA file."),
+                io.Image.Output(display_name="reward_curve", tooltip="Mean reward per epoch with ±1 std band."),
+                io.Image.Output(display_name="samples", tooltip="The last epoch's samples."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, reward, prompts: str, preset: str, epochs: int, images_per_epoch: int,
+                images_per_prompt: int, batch_size: int, width: int, height: int, steps: int, guidance: float,
+                eta: float, learning_rate: float, lora_rank: int, kl_weight: float, advantage: str, seed: int,
+                lora_name: str, resume: bool) -> io.NodeOutput:
+        prompt_list = _prompt_list(prompts)
+        micro = max(1, images_per_epoch // batch_size)
+        overrides = dict(epochs=epochs, images_per_epoch=images_per_epoch, images_per_prompt=images_per_prompt,
+                         sample_batch_size=batch_size, train_batch_size=batch_size,
+                         # two optimizer steps per epoch when the micro-batches split evenly, else one
+                         gradient_accumulation_steps=micro // 2 if micro % 2 == 0 and micro > 1 else micro,
+                         width=width, height=height, num_steps=steps, guidance=guidance, eta=eta,
+                         lr=learning_rate, lora_rank=lora_rank, lora_alpha=float(lora_rank), seed=seed)
+        if kl_weight >= 0:
+            overrides["kl_weight"] = kl_weight
+        if advantage != "preset":
+            overrides["advantage"] = advantage
+        cfg = make_config(preset, **overrides)
+        lora_path = save_path(lora_name, LORA_SUBFOLDER)
+        out_dir = run_dir(lora_name)
+        ckpt = out_dir / "checkpoint.pt"
+        if not resume and (lora_path.exists() or ckpt.exists()):
+            raise LoraFileError(f"A run named {lora_name!r} exists ({lora_path.name}); switch resume on to continue "
+                                "it, or choose another lora_name.")
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        with torch.inference_mode(False):
+            host = ComfyHost(model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+            validate(cfg, schedule_length=len(host.alphas_cumprod))
+            schedule = ddim_schedule(host.alphas_cumprod, cfg.num_steps)
+            sampling = model.get_model_object("model_sampling")
+            host.sample_sigmas = sampling.sigma(schedule.timesteps.float()).cpu() if hasattr(sampling, "sigma") else None
+            pbar = comfy.utils.ProgressBar(epochs)
+            family = ClipLayout.of(clip).family
+            meta = {"preset": preset, "reward": getattr(reward, "name", type(reward).__name__),
+                    "prompts_sha256": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest(),
+                    "num_steps": cfg.num_steps, "guidance": cfg.guidance, "config": json.dumps(config_to_dict(cfg))}
+            state = {"last_epoch": 0}
+
+            def on_epoch(stats) -> None:
+                save_kohya(host.lora.to_lora_set(lora_name), lora_path, family=family,
+                           metadata={**meta, "epoch": stats.epoch})
+                with open(out_dir / "history.jsonl", "a") as f:
+                    f.write(json.dumps(stats.as_dict()) + "\n")
+                state["last_epoch"] = stats.epoch
+                _send({"node": node_id, "run": lora_name, "status": "running", "epochs": epochs, **stats.as_dict()})
+                pbar.update_absolute(stats.epoch, epochs)
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            trainer = Trainer(host, reward, prompt_list, cfg, checkpoint_path=ckpt, on_epoch=on_epoch,
+                              should_stop=mm.processing_interrupted, resume=resume)
+            t0 = time.time()
+            try:
+                trainer.run(epochs)
+            except TrainingCancelled:
+                _send({"node": node_id, "run": lora_name, "status": "cancelled", "epoch": state["last_epoch"]})
+                mm.throw_exception_if_processing_interrupted()
+                raise
+            except BaseException as e:
+                _send({"node": node_id, "run": lora_name, "status": "failed", "error": str(e)[:500],
+                       "epoch": state["last_epoch"]})
+                raise
+            history = trainer.history
+            _send({"node": node_id, "run": lora_name, "status": "done", "epochs": epochs,
+                   "epoch": history[-1]["epoch"] if history else 0, "seconds": time.time() - t0})
+            if not lora_path.exists():  # nothing trained this call (the run was already complete): save once
+                save_kohya(host.lora.to_lora_set(lora_name), lora_path, family=family, metadata=meta)
+            samples = trainer.last_images if trainer.last_images is not None else torch.zeros(1, height, width, 3)
+        trained = read_lora(lora_path)
+        trained.source = lora_path.name
+        out_clip = clip.clone()
+        out_clip.add_patches(clip_patches(resolve(trained, ClipLayout.of(clip))), 1.0)
+        curve = reward_curve_image([h["reward_mean"] for h in history], [h["reward_std"] for h in history],
+                                   title=f"{lora_name}: {meta['reward']} per epoch")
+        return io.NodeOutput(out_clip, str(lora_path), curve, samples.float().cpu())
