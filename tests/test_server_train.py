@@ -1,0 +1,71 @@
+"""TexForceTrain in a real ComfyUI server: runs through /prompt, saves a listed LoRA, resumes, and survives Cancel."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from comfy_server import ComfyError
+
+from conftest import pack
+
+
+def train_prompt(name: str, epochs: int, images: int = 4, resume: bool = True, steps: int = 3) -> dict:
+    return {
+        "1": {"class_type": "TexForceTestTinyCheckpoint", "inputs": {"family": "sd1", "seed": 0}},
+        "2": {"class_type": "TexForceJPEGReward", "inputs": {"mode": "compressibility", "quality": 95}},
+        "3": {"class_type": "TexForceTrain", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
+            "prompts": "a photo of a cat\na photo of a dog", "preset": "texforce", "epochs": epochs,
+            "images_per_epoch": images, "images_per_prompt": 2, "batch_size": 2, "width": 64, "height": 64,
+            "steps": steps, "guidance": 5.0, "eta": 1.0, "learning_rate": 3e-4, "lora_rank": 4, "kl_weight": -1.0,
+            "advantage": "batch", "seed": 0, "lora_name": name, "resume": resume}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": f"{name}_curve"}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["3", 3], "filename_prefix": f"{name}_samples"}},
+    }
+
+
+def history_lines(server, name: str) -> list[dict]:
+    path = server.base / "output" / "texforce" / name / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_train_node_runs_saves_a_listed_lora_and_resumes(server):
+    entry = server.run(train_prompt("srv_run", epochs=2), timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    lora = server.base / "models" / "loras" / "texforce" / "srv_run.safetensors"
+    assert lora.is_file() and len(history_lines(server, "srv_run")) == 2
+    spec = server.object_info("TexForceLoraLoader")["TexForceLoraLoader"]["input"]["optional"]["lora_1"]
+    assert "texforce/srv_run.safetensors" in spec[1]["options"]
+    assert len(entry["outputs"]["4"]["images"]) == 1 and len(entry["outputs"]["5"]["images"]) == 4
+    trained = pack.training.lora.read_lora(lora)
+    assert len(trained.modules) == 12 and trained.metadata["texforce.epoch"] == "2"
+    # Resume: the same run continued to 3 epochs trains one more epoch, not three.
+    entry = server.run(train_prompt("srv_run", epochs=3), timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    assert [h["epoch"] for h in history_lines(server, "srv_run")] == [1, 2, 3]
+    # resume off with an existing run refuses instead of overwriting it
+    with pytest.raises(ComfyError, match="exists.*resume"):
+        server.run(train_prompt("srv_run", epochs=4, resume=False), timeout=120)
+
+
+def test_cancel_keeps_the_last_finished_epoch_loadable_and_resumable(server):
+    prompt_id = server.queue(train_prompt("srv_cancel", epochs=200, images=8, steps=5))
+    deadline = time.time() + 240
+    while not history_lines(server, "srv_cancel"):
+        assert time.time() < deadline, "no epoch finished in time"
+        time.sleep(0.2)
+    server.post_json("/interrupt", {})
+    with pytest.raises(ComfyError):
+        server.wait(prompt_id, timeout=240)
+    done = len(history_lines(server, "srv_cancel"))
+    assert 1 <= done < 200
+    lora = pack.training.lora.read_lora(server.base / "models" / "loras" / "texforce" / "srv_cancel.safetensors")
+    assert int(lora.metadata["texforce.epoch"]) == done
+    ckpt = server.base / "output" / "texforce" / "srv_cancel" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == done
+    entry = server.run(train_prompt("srv_cancel", epochs=done + 1, images=8, steps=5), timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    assert [h["epoch"] for h in history_lines(server, "srv_cancel")] == list(range(1, done + 2))
