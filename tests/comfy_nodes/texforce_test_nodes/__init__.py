@@ -14,12 +14,18 @@ class TexForceTestTinyCheckpoint(io.ComfyNode):
             display_name="TexForce Test Tiny Checkpoint",
             category="TexForce/testing",
             inputs=[io.Combo.Input("family", options=["sd1", "sd2", "sdxl"], default="sd1"),
-                    io.Int.Input("seed", default=0, min=0, max=2**31)],
+                    io.Int.Input("seed", default=0, min=0, max=2**31),
+                    io.Boolean.Input("prompt_controls_image", default=False, optional=True,
+                                     tooltip="sd1 only: the v-prediction tiny model whose text pathway controls "
+                                             "the image (learning tests, the demo)")],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
-    def execute(cls, family: str, seed: int) -> io.NodeOutput:
+    def execute(cls, family: str, seed: int, prompt_controls_image: bool = False) -> io.NodeOutput:
+        if prompt_controls_image and family == "sd1":
+            return io.NodeOutput(tiny_models.tiny_model(seed, True, v_prediction=True, output_gain=20),
+                                 tiny_models.tiny_clip(family, seed, True), tiny_models.tiny_vae(seed, True))
         model = tiny_models.tiny_model(seed) if family == "sd1" else None
         return io.NodeOutput(model, tiny_models.tiny_clip(family, seed), tiny_models.tiny_vae(seed))
 
