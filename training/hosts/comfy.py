@@ -27,8 +27,9 @@ import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
 
+from ..ddim import abar_from_sigma, eps_from_denoised_k, sigma_from_abar, vp_to_k
 from ..host import Cond, Predict
-from ..lora.keys import slot_for_encoder
+from ..lora.keys import parse_state_dict, slot_for_encoder
 from ..lora.trainable import TrainableLora
 
 _TARGET = re.compile(r"^(clip_[lgh])\.transformer\.(text_model\.encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj)$")
@@ -75,12 +76,12 @@ class ComfyHost:
         self._check_model(model)
         self.vae = vae
         self.device = model.load_device
-        sampling = model.model.model_sampling
-        self.alphas_cumprod = (1.0 / (1.0 + sampling.sigmas.detach().float().cpu() ** 2)).contiguous()
+        sampling = model.get_model_object("model_sampling")  # honours ModelSampling* patches on the MODEL
+        self.alphas_cumprod = abar_from_sigma(sampling.sigmas.detach().float().cpu()).contiguous()
         self.sample_sigmas: torch.Tensor | None = None  # the run's DDIM sigmas, for MODEL patches that read them
 
         self.clip = clip.clone()
-        shapes, keys = {}, {}
+        keys = {}
         for name, module in self.clip.cond_stage_model.named_modules():
             m = _TARGET.match(name)
             if m and (encoders is None or m.group(1) in encoders):
@@ -90,12 +91,11 @@ class ComfyHost:
             raise ValueError(f"this CLIP has no trainable CLIP text encoder (asked for {encoders}); "
                              "TexForce trains CLIP-L / CLIP-G / OpenCLIP-H encoders only.")
         params = dict(self.clip.cond_stage_model.named_parameters())
-        for (enc, path), key in keys.items():
-            shapes[(slot_for_encoder(enc, present), path)] = tuple(params[key].shape)
+        by_slot = {(slot_for_encoder(enc, present), path): key for (enc, path), key in keys.items()}
+        shapes = {slot_key: tuple(params[key].shape) for slot_key, key in by_slot.items()}
         self.encoders = present
         with torch.inference_mode(False):  # nodes run in inference mode; trainable tensors must not be inference tensors
             self.lora = TrainableLora(shapes, rank=rank, alpha=alpha, seed=seed, device=self.clip.patcher.load_device)
-        by_slot = {(slot_for_encoder(enc, present), path): key for (enc, path), key in keys.items()}
         for index, slot_key in enumerate(self.lora.keys):
             self.clip.patcher.add_weight_wrapper(by_slot[slot_key], _LoraWrapper(self.lora, index))
         _wrap_all(self.clip.patcher, skip=set(by_slot.values()))
@@ -107,7 +107,7 @@ class ComfyHost:
 
     @staticmethod
     def _check_model(model) -> None:
-        sampling = getattr(getattr(model, "model", None), "model_sampling", None)
+        sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else None
         if sampling is None or not hasattr(sampling, "sigmas") or sampling.sigmas.numel() < 2:
             raise ValueError("TexForce training needs a diffusion MODEL with a discrete noise schedule "
                              "(SD 1.x, SD 2.x, SDXL).")
@@ -128,8 +128,6 @@ class ComfyHost:
         return self.lora.kohya_state()
 
     def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
-        from ..lora.keys import parse_state_dict
-
         self.lora.load_lora_set(parse_state_dict(state, source="checkpoint"))
 
     @contextlib.contextmanager
@@ -180,13 +178,12 @@ class ComfyHost:
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if state.get("shape") != x.shape:
                 state.update(prepare(x.shape))
-            abar = abar_table[t.to(device)]
-            sigma = ((1 - abar) / abar).sqrt()
-            x_k = x.to(device) * (1 + sigma**2).sqrt().view(-1, 1, 1, 1)
+            sigma = sigma_from_abar(abar_table[t.to(device)])
+            x_k = vp_to_k(x.to(device), sigma)
             conds = state["conds"]
             denoised = comfy.samplers.sampling_function(state["model"], x_k, sigma, conds["negative"],
                                                         conds["positive"], guidance, model_options=options)
-            return ((x_k - denoised.float()) / sigma.view(-1, 1, 1, 1)).float()
+            return eps_from_denoised_k(x_k, denoised, sigma)
 
         try:
             yield predict
