@@ -69,7 +69,16 @@ class ClipImageEncoder(nn.Module):
             vision_config = config.vision_config
             vision_config.projection_dim = config.projection_dim
             config = vision_config
-        vision = _from_pretrained(CLIPVisionModelWithProjection, folder, published, config=config)
+        # the text tower's weights in a full CLIP folder are expected to be skipped: keep transformers' load
+        # report (a warning listing every skipped key) out of the ComfyUI log
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            vision = _from_pretrained(CLIPVisionModelWithProjection, folder, published, config=config)
+        finally:
+            hf_logging.set_verbosity(level)
         return cls(vision, ClipPreprocess.from_hf_folder(folder))
 
     def forward(self, images: Images) -> torch.Tensor:
