@@ -19,6 +19,7 @@ from ..training.ddim import ddim_schedule
 from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora, save_kohya
 from ..training.loop import Trainer, TrainingCancelled
+from . import progress
 from .lora_apply import ClipLayout, clip_patches, resolve
 from .lora_files import save_path
 from .reward_curve import reward_curve_image
@@ -37,6 +38,7 @@ def run_dir(name: str) -> Path:
 
 
 def _send(payload: dict) -> None:
+    progress.record(payload, history_file=lambda name: run_dir(name) / "history.jsonl")  # for GET /texforce/runs
     try:
         from server import PromptServer
 
