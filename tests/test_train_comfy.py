@@ -215,3 +215,16 @@ def test_the_learning_model_lets_the_prompt_control_the_image():
             b = tr.generate(["a blue car"] * 4, seed=9)
         diffs[learnable] = float((a - b).abs().mean())
     assert diffs[False] < 1e-4 and diffs[True] > 0.01, diffs
+
+
+def test_a_normalised_reward_mix_keeps_its_statistics_across_resume(tmp_path):
+    mix_mod = importlib.import_module(f"{pack.__name__}.rewards.mix")
+    jpeg = importlib.import_module(f"{pack.__name__}.rewards.jpeg")
+    ckpt = tmp_path / "mix.pt"
+    mixes = []
+    for _ in range(2):
+        host, *_ = build(seed=4)
+        mix = mix_mod.RewardMix([brightness, jpeg.JpegReward()], [1.0, 0.5])
+        loop.Trainer(host, mix, PROMPTS, small_config(epochs=2), checkpoint_path=ckpt).run(len(mixes) + 1)
+        mixes.append(mix.state_dict())
+    assert mixes[1]["stats"][0]["count"] == 2 * mixes[0]["stats"][0]["count"] > 0

@@ -491,6 +491,8 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "history": list(self.history),
             "prompts_sha256": prompts_digest(self.prompts),
+            # a reward with running statistics (a normalised mix) keeps its scale across a resume
+            **({"reward_state": self.reward_fn.state_dict()} if hasattr(self.reward_fn, "state_dict") else {}),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -506,4 +508,6 @@ class Trainer:
             self.gen_train.set_state(state["rng"]["train"])
             self.epoch = int(state["epoch"])
             self.history = list(state["history"])
+            if "reward_state" in state and hasattr(self.reward_fn, "load_state_dict"):
+                self.reward_fn.load_state_dict(state["reward_state"])
 
