@@ -8,6 +8,7 @@ import copy
 import importlib
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from comfy_server import ComfyError
 from conftest import PACK_NAME, REPO
 from workflow_api import nodes_of, set_inputs, substitute, to_api
 
@@ -225,3 +227,38 @@ def test_training_example_runs_and_the_routes_report_its_history(server):
             assert math.isclose(served[key], saved[key], rel_tol=1e-12, abs_tol=1e-30), key
     text = json.dumps(full) + json.dumps(runs)
     assert str(server.base) not in text and str(Path.home()) not in text  # no file-system paths
+
+
+def test_an_interrupt_from_comfyuis_progress_hook_is_recorded_as_cancelled():
+    class InterruptProcessingException(Exception):  # ComfyUI's, raised by its progress hook on Cancel
+        pass
+
+    reg = progress.RunRegistry()
+    reg.record(event(epoch=1))
+    try:
+        raise InterruptProcessingException()
+    except InterruptProcessingException:
+        reg.record({"run": "r", "status": "failed", "error": "", "epoch": 1})
+    assert reg.get("r")["status"] == "cancelled" and reg.get("r")["error"] is None
+    try:
+        raise RuntimeError("out of memory")
+    except RuntimeError:
+        reg.record({"run": "r", "status": "failed", "error": "out of memory", "epoch": 1})
+    assert reg.get("r")["status"] == "failed" and reg.get("r")["error"] == "out of memory"
+
+
+def test_cancel_on_the_live_server_is_reported_as_cancelled(server):
+    run = f"web_cancel_api_{uuid.uuid4().hex[:8]}"
+    api = for_tiny_training(to_api(json.loads(TRAIN_WORKFLOW.read_text(encoding="utf-8")), server.object_info()),
+                            run, epochs=500)
+    prompt_id = server.queue(api)
+    deadline = time.monotonic() + 240
+    while not any(r["run"] == run and r["epoch"] >= 1 for r in http_get(server, "/texforce/runs")[1]):
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.1)
+    server.post_json("/interrupt", {})
+    with pytest.raises(ComfyError):
+        server.wait(prompt_id, timeout=240)
+    status, full, _ = http_get(server, f"/texforce/runs/{run}")
+    assert status == 200 and full["status"] == "cancelled" and full["error"] is None
+    assert 1 <= full["epoch"] < 500 and [h["epoch"] for h in full["history"]] == list(range(1, full["epoch"] + 1))
