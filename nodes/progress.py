@@ -88,6 +88,14 @@ def _epoch_stats(payload: dict) -> dict | None:
     return stats
 
 
+def _interrupted() -> bool:
+    """Whether the exception being handled is ComfyUI's InterruptProcessingException: Cancel pressed while
+    ComfyUI's progress hook ran (it raises that, not the trainer's TrainingCancelled); the run was cancelled,
+    it did not fail."""
+    exc = sys.exc_info()[1]
+    return exc is not None and type(exc).__name__ == "InterruptProcessingException"
+
+
 class Run:
     def __init__(self, name: str, now: float):
         self.name = name
@@ -158,6 +166,8 @@ class RunRegistry:
         status = payload.get("status")
         if status not in STATUSES:
             return None
+        if status == "failed" and _interrupted():
+            status = "cancelled"
         seed: list[dict] = []
         with self._lock:
             known = name in self._runs
