@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ def run_dir(name: str) -> Path:
 
 
 def _send(payload: dict) -> None:
+    # JSON has no NaN: the browser's JSON.parse would drop the whole event (e.g. an epoch whose rewards were all NaN)
+    payload = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
     progress.record(payload, history_file=lambda name: run_dir(name) / "history.jsonl")  # for GET /texforce/runs
     try:
         from server import PromptServer
@@ -177,7 +180,7 @@ class TexForceTrain(io.ComfyNode):
             t0 = time.time()
             try:
                 trainer.run(epochs)
-            except TrainingCancelled:
+            except (TrainingCancelled, mm.InterruptProcessingException):  # Cancel: polled, or raised by the progress hook
                 _send({"node": node_id, "run": lora_name, "status": "cancelled", "epoch": state["last_epoch"]})
                 mm.throw_exception_if_processing_interrupted()
                 raise
