@@ -18,6 +18,7 @@ import torch
 from comfy_server import ComfyError
 from conftest import tiny_models
 from lora_builders import as_kohya, random_lora, write_peft_folder
+from reward_builders import AESTHETIC_HEAD_FILE, reward_models_folder
 from safetensors.torch import save_file
 from workflow_api import (UnknownNodeType, check_ui_workflow, missing_node_types, node_types, nodes_of, set_inputs,
                           substitute, to_api, widget_values)
@@ -28,6 +29,7 @@ TINY = {"class_type": "TexForceTestTinyCheckpoint", "inputs": {"family": "sd1", 
 SUBDIR = "example_wf"  # our files in the server's models/loras (other tests write there too)
 RELEASE_WORKFLOW = REPO / "example_workflows" / "texforce_official_release_with_unet_lora.json"
 FUSE_WORKFLOW = REPO / "example_workflows" / "texforce_fuse_loras.json"
+BEST_OF_N_WORKFLOW = REPO / "example_workflows" / "texforce_best_of_n.json"
 # Real U-Net module names of the tiny SD1 model (kohya, diffusers-style block names) and their (out, in).
 UNET_MODULES = {
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (32, 32),
@@ -282,6 +284,53 @@ def test_example_workflow_fuse_runs(server, object_info, lora_files):
     fuse["inputs"]["weight_2"] = 0.35
     with pytest.raises(ComfyError, match="already exists"):
         server.run(api, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reward_files(server):
+    """models/reward_models of the server filled with tiny models under the published names (the aesthetic
+    head is the real file); left as it is when another test already filled it."""
+    root = server.base / "models" / "reward_models"
+    clip_config, head = root / "clip-vit-large-patch14" / "config.json", root / AESTHETIC_HEAD_FILE.name
+    if not (clip_config.is_file() and head.is_file()):
+        reward_models_folder(root)
+    return root
+
+
+def test_example_workflow_best_of_n_runs(server, object_info, reward_files):
+    assert BEST_OF_N_WORKFLOW in WORKFLOWS
+    wf = load(BEST_OF_N_WORKFLOW)
+    assert missing_node_types(wf, object_info) == set()
+    assert node_types(wf) == {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
+                              "TexForceRewardModelLoader", "TexForceScoreImages", "SaveImage", "PreviewImage", "Note"}
+    note = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "models/reward_models" in note and AESTHETIC_HEAD_FILE.name in note and "clip-vit-large-patch14/" in note
+    api = to_api(wf, object_info)
+    (_, latent), = nodes_of(api, "EmptyLatentImage")
+    assert (latent["inputs"]["width"], latent["inputs"]["height"], latent["inputs"]["batch_size"]) == (512, 512, 8)
+    (rid, loader), = nodes_of(api, "TexForceRewardModelLoader")
+    assert loader["inputs"] == {"kind": "aesthetic (LAION, CLIP ViT-L/14)", "model": "(auto: published name)",
+                                "clip_model": "(auto: published name)"}
+    (sid, score), = nodes_of(api, "TexForceScoreImages")
+    top_k = score["inputs"]["top_k"]
+    assert top_k == 2 and score["inputs"]["reward"] == [rid, 0] and score["inputs"]["prompt"].strip()
+    (vid, _), = nodes_of(api, "VAEDecode")
+    assert score["inputs"]["images"] == [vid, 0]
+    (_, save), = nodes_of(api, "SaveImage")
+    assert save["inputs"]["images"] == [sid, 3]  # sorted_images: the best top_k
+    (pid, preview), = nodes_of(api, "PreviewImage")
+    assert preview["inputs"]["images"] == [vid, 0]  # all of the batch
+
+    for_tiny_model(api, {})
+    set_inputs(api, "EmptyLatentImage", batch_size=4)
+    entry = server.run(api, timeout=180)
+    assert entry["status"]["status_str"] == "success"
+    images = saved_images(server, entry, api)
+    assert len(images) == top_k and all(p.is_file() and p.stat().st_size > 0 for p in images)
+    assert len(entry["outputs"][pid]["images"]) == 4
+    text = entry["outputs"][sid]["text"][0]
+    assert text.startswith("aesthetic: mean") and "over 4 images" in text
+    assert len(text.splitlines()) == 2 + top_k  # summary, header, one row per kept image
 
 
 def _default_template() -> Path | None:
