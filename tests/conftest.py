@@ -36,6 +36,11 @@ import comfy.cli_args  # noqa: E402
 comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
 import comfy.model_management  # noqa: E402,F401
 import folder_paths  # noqa: E402
+# Pin ComfyUI's top-level `nodes` now: pytest may later put the repository root on sys.path (when the
+# clone's folder name is not an identifier), where this pack's own `nodes/` package would shadow it.
+import nodes as _comfy_nodes  # noqa: E402,F401
+
+assert Path(_comfy_nodes.__file__).parent == COMFY_DIR, _comfy_nodes.__file__
 
 pack = _load(PACK_NAME, REPO, package=True)
 importlib.import_module(f"{PACK_NAME}.nodes")  # what comfy_entrypoint imports
