@@ -135,8 +135,11 @@ def test_training_leaves_the_users_clip_and_model_bit_identical_and_stock_loader
     host, model, clip, vae = build()
     with torch.inference_mode():
         cond_before = encode(clip)
+    params_before = [(n, p) for n, p in model.model.named_parameters()]
     cfg = small_config(epochs=1, lr=1e-2)
     loop.Trainer(host, brightness, PROMPTS, cfg).run(1)
+    # the U-Net's parameters were aliased for the training pass only: the very same tensors are back
+    assert all(p is q and n == m for (n, p), (m, q) in zip(params_before, model.model.named_parameters()))
     with torch.inference_mode():
         assert_same(encode(clip), cond_before, tol=0.0)
     assert not clip.patcher.patches and not model.patches and not model.weight_wrapper_patches

@@ -2,8 +2,9 @@
 
 What makes gradients flow inside ComfyUI (DESIGN.md §5), all on clones so the user's objects stay as they were:
 - every node runs under inference mode, so the frozen weights are inference tensors that autograd cannot
-  save: each comfy-op weight/bias on the gradient path gets a weight wrapper that returns a detached copy
-  (ComfyUI copies a weight when a module has wrappers; the detach keeps U-Net parameters out of autograd);
+  save: during the training pass the U-Net's parameters are swapped for frozen aliases of the same storage
+  (no copy; restored afterwards), and the CLIP's comfy-op weights get weight wrappers returning detached
+  copies (the CLIP is small; its LoRA'd layers need wrappers anyway);
 - the LoRA itself is a weight wrapper on q/k/v/out of every CLIP layer: W + (α/r)·B·A;
 - `CLIPLayer.forward` adds residuals in place, which breaks backward: an out-of-place forward is swapped in
   per instance for the training pass and restored afterwards (the CLIP module is shared by all clones);
@@ -48,6 +49,31 @@ def _wrap_all(patcher: comfy.model_patcher.ModelPatcher, skip: set[str] = frozen
             key = f"{name}.{param}"
             if getattr(module, param, None) is not None and key not in skip:
                 patcher.add_weight_wrapper(key, _detached)
+
+
+def _alias_parameters(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
+    """Swap every parameter for a frozen alias of the same storage (no copy), until _restore_parameters.
+
+    ComfyUI loads weights under inference mode; autograd cannot save inference tensors for backward, and
+    U-Net parameters keep requires_grad=True. The alias is a normal tensor with requires_grad=False, so the
+    U-Net is differentiable with respect to its input and conditioning only, at no per-call cost (weight
+    wrappers would copy every weight on every call).
+    """
+    swapped = []
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            alias = torch.empty(0, dtype=p.dtype, device=p.device).set_(
+                p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
+            mod._parameters[name] = torch.nn.Parameter(alias, requires_grad=False)
+            swapped.append((mod, name, p))
+    return swapped
+
+
+def _restore_parameters(swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]]) -> None:
+    for mod, name, p in swapped:
+        mod._parameters[name] = p
 
 
 def _clip_layer_forward_out_of_place(self, x, mask=None, optimized_attention=None):
@@ -100,10 +126,8 @@ class ComfyHost:
             self.clip.patcher.add_weight_wrapper(by_slot[slot_key], _LoraWrapper(self.lora, index))
         _wrap_all(self.clip.patcher, skip=set(by_slot.values()))
 
-        self._model_sample = model.clone()
-        self._model_train = model.clone()
-        _wrap_all(self._model_train)
-        self._model = self._model_sample
+        self._model = model.clone()
+        self._training = False
 
     @staticmethod
     def _check_model(model) -> None:
@@ -173,10 +197,14 @@ class ComfyHost:
             real_model, conds, extra = comfy.sampler_helpers.prepare_sampling(model, shape, conds, options)
             conds = comfy.samplers.process_conds(real_model, torch.zeros(shape, device=device), conds, device)
             model.pre_run()
-            return {"shape": shape, "model": real_model, "conds": conds, "extra": extra}
+            # after loading (U-Net LoRAs are patched in at load): frozen, autograd-usable views of the weights
+            aliases = _alias_parameters(real_model.diffusion_model) if self._training else []
+            return {"shape": shape, "model": real_model, "conds": conds, "extra": extra, "aliases": aliases}
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if state.get("shape") != x.shape:
+                if state:
+                    _restore_parameters(state["aliases"])
                 state.update(prepare(x.shape))
             sigma = sigma_from_abar(abar_table[t.to(device)])
             x_k = vp_to_k(x.to(device), sigma)
@@ -189,6 +217,7 @@ class ComfyHost:
             yield predict
         finally:
             if state:
+                _restore_parameters(state["aliases"])
                 model.cleanup()
                 comfy.sampler_helpers.cleanup_models(state["conds"], state["extra"])
 
@@ -200,7 +229,7 @@ class ComfyHost:
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         layers = [m for m in self.clip.cond_stage_model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)]
-        self._model = self._model_train
+        self._training = True
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 for layer in layers:
@@ -209,7 +238,7 @@ class ComfyHost:
         finally:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
-            self._model = self._model_sample
+            self._training = False
 
 def _comfy_cond(c: Cond) -> list:
     extra = {"pooled_output": c["pooled"]} if "pooled" in c else {}
