@@ -16,7 +16,6 @@ from ..training.lora import LoraFileError, LoraModule, LoraSet
 from ..training.lora.keys import slot_for_encoder, split_suffix
 
 _ENCODER_KEY = re.compile(r"^(clip_[lgh])\.transformer\.(.+)\.weight$")
-ENCODER_LABEL = {"clip_l": "CLIP-L", "clip_g": "CLIP-G (SDXL)", "clip_h": "OpenCLIP-H (SD 2.x)"}
 
 
 @dataclass
@@ -75,10 +74,6 @@ class Resolved:
     unmatched: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
 
-    @property
-    def encoders(self) -> list[str]:
-        return sorted({enc for enc, _ in self.modules})
-
 
 def _lora_width(lora: LoraSet) -> str:
     widths = sorted({m.down.shape[1] for (_, p), m in lora.modules.items() if p.endswith("q_proj")})
@@ -89,21 +84,17 @@ def resolve(lora: LoraSet, layout: ClipLayout) -> Resolved:
     """Map every text-encoder module of a file onto this CLIP, checking shapes; raise if nothing fits."""
     res = Resolved()
     for (slot, path), module in sorted(lora.modules.items()):
-        target = None
-        for enc in layout.candidates(slot):
-            entry = layout.encoders[enc].get(path)
-            if entry is None:
-                continue
-            key, shape = entry
-            if shape == (module.up.shape[0], module.down.shape[1]):
-                target = (enc, path, key)
-                break
-            res.mismatched.append(f"{slot}:{path} is {module.up.shape[0]}×{module.down.shape[1]}, {enc} has {shape[0]}×{shape[1]}")
-        if target is None:
-            if not any(m.startswith(f"{slot}:{path} ") for m in res.mismatched):
-                res.unmatched.append(f"{slot}:{path}")
-            continue
-        res.modules[target[:2]] = (target[2], module)
+        wanted = (module.up.shape[0], module.down.shape[1])
+        found = [(enc, layout.encoders[enc][path]) for enc in layout.candidates(slot) if path in layout.encoders[enc]]
+        fits = [(enc, key) for enc, (key, shape) in found if shape == wanted]
+        if fits:
+            enc, key = fits[0]
+            res.modules[(enc, path)] = (key, module)
+        elif found:
+            res.mismatched += [f"{slot}:{path} is {wanted[0]}×{wanted[1]}, {enc} has {shape[0]}×{shape[1]}"
+                               for enc, (_, shape) in found]
+        else:
+            res.unmatched.append(f"{slot}:{path}")
     missing_slots = sorted({u.split(":")[0] for u in res.unmatched} - {s for s in lora.slots if layout.candidates(s)})
     if missing_slots:
         raise LoraFileError(

@@ -1,7 +1,6 @@
 """TexForceTrain: DDPO/PPO on a text-encoder LoRA, on the MODEL/CLIP/VAE the graph loaded, in this process."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import logging
@@ -15,8 +14,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.config import PRESETS, ConfigError, config_to_dict, make_config, validate
-from ..training.ddim import ddim_schedule
+from ..training.checkpoint import prompts_digest
+from ..training.config import PRESETS, ConfigError, config_to_dict, make_config
 from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora, save_kohya
 from ..training.loop import Trainer, TrainingCancelled
@@ -154,14 +153,11 @@ class TexForceTrain(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         with torch.inference_mode(False):
             host = ComfyHost(model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-            validate(cfg, schedule_length=len(host.alphas_cumprod))
-            schedule = ddim_schedule(host.alphas_cumprod, cfg.num_steps)
-            sampling = model.get_model_object("model_sampling")
-            host.sample_sigmas = sampling.sigma(schedule.timesteps.float()).cpu() if hasattr(sampling, "sigma") else None
             pbar = comfy.utils.ProgressBar(epochs)
-            family = ClipLayout.of(clip).family
+            layout = ClipLayout.of(clip)
+            family = layout.family
             meta = {"preset": preset, "reward": getattr(reward, "name", type(reward).__name__),
-                    "prompts_sha256": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest(),
+                    "prompts_sha256": prompts_digest(prompt_list),
                     "num_steps": cfg.num_steps, "guidance": cfg.guidance, "config": json.dumps(config_to_dict(cfg))}
             state = {"last_epoch": 0}
 
@@ -176,7 +172,10 @@ class TexForceTrain(io.ComfyNode):
 
             out_dir.mkdir(parents=True, exist_ok=True)
             trainer = Trainer(host, reward, prompt_list, cfg, checkpoint_path=ckpt, on_epoch=on_epoch,
-                              should_stop=mm.processing_interrupted, resume=resume)
+                              should_stop=mm.processing_interrupted, resume=resume)  # validates the settings
+            sampling = model.get_model_object("model_sampling")
+            if hasattr(sampling, "sigma"):  # the run's sigmas, for MODEL patches that read sample_sigmas
+                host.sample_sigmas = sampling.sigma(trainer.schedule.timesteps.float()).cpu()
             t0 = time.time()
             try:
                 trainer.run(epochs)
@@ -197,7 +196,7 @@ class TexForceTrain(io.ComfyNode):
         trained = read_lora(lora_path)
         trained.source = lora_path.name
         out_clip = clip.clone()
-        out_clip.add_patches(clip_patches(resolve(trained, ClipLayout.of(clip))), 1.0)
+        out_clip.add_patches(clip_patches(resolve(trained, layout)), 1.0)
         curve = reward_curve_image([h["reward_mean"] for h in history], [h["reward_std"] for h in history],
                                    title=f"{lora_name}: {meta['reward']} per epoch")
         return io.NodeOutput(out_clip, str(lora_path), curve, samples.float().cpu())

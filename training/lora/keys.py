@@ -27,8 +27,6 @@ _KOHYA_TE = re.compile(r"^lora_(te[12]?)_(.+)$")
 _KOHYA_MODULE = re.compile(r"^text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])$")
 _OLD_DIFFUSERS_ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _ENCODER_NAMES = ("clip_l", "clip_g", "clip_h")
-# A module path that names a linear layer of a CLIP text encoder.
-TEXT_MODULE = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
