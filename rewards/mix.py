@@ -73,17 +73,36 @@ class RewardMix:
         self.last_components: dict[str, torch.Tensor] = {}
 
     def __call__(self, images, prompts: Sequence[str] | None = None) -> torch.Tensor:
-        total, parts = None, {}
-        for name, reward, w, stats in zip(self.names, self.rewards, self.weights, self.stats):
+        return self.combine(self.score_components(images, prompts))
+
+    def score_components(self, images, prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """Every component's raw scores, (B, M), without touching the running statistics.
+
+        The trainer scores an epoch in pieces (sampling batches, or one share per process) and then calls
+        `combine` once on all of them, so every image of the epoch is standardised on the same scale and all
+        processes keep the same statistics.
+        """
+        columns = []
+        for name, reward in zip(self.names, self.rewards):
             r = torch.as_tensor(reward(images, prompts)).detach().float().cpu().reshape(-1)
-            if total is not None and r.shape != total.shape:
-                raise RewardInputError(f"reward {name} returned {r.numel()} scores, the others {total.numel()}")
-            parts[name] = r
+            if columns and r.shape != columns[0].shape:
+                raise RewardInputError(f"reward {name} returned {r.numel()} scores, the others {columns[0].numel()}")
+            columns.append(r)
+        return torch.stack(columns, dim=1)
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """Mixed scores (B,) from raw component scores (B, M); updates the running statistics first."""
+        raw = torch.as_tensor(raw).float()
+        if raw.ndim != 2 or raw.shape[1] != len(self.rewards):
+            raise RewardInputError(f"expected raw scores of shape (B, {len(self.rewards)}), got {tuple(raw.shape)}")
+        total = torch.zeros(raw.shape[0])
+        for i, (w, stats) in enumerate(zip(self.weights, self.stats)):
+            r = raw[:, i]
             if self.normalize:
                 stats.update(r)
                 r = stats.standardize(r)
-            total = w * r if total is None else total + w * r
-        self.last_components = parts
+            total = total + w * r
+        self.last_components = {name: raw[:, i] for i, name in enumerate(self.names)}
         return total
 
     def reset(self) -> None:

@@ -12,7 +12,10 @@ through a Host (training/host.py). What it guarantees:
   (noise is drawn per image on the CPU and moved to the device), so runs are device-independent and a
   run resumed at epoch k ends with the same LoRA as one trained straight through;
 - a checkpoint is written only at the end of a finished epoch; on any exception (cancel, Ctrl-C, an
-  error) the trainer's in-memory state, LoRA included, goes back to the last finished epoch.
+  error) the trainer's in-memory state, LoRA included, goes back to the last finished epoch;
+- with several processes (training/distributed.py) each rank samples and trains its contiguous share of
+  the epoch, rewards are gathered before advantages and gradients summed before every optimizer step, so
+  a run on N processes computes what one process computes on the same global batch.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from .checkpoint import check_config, load_checkpoint, prompts_digest, save_chec
 from .config import (TrainConfig, config_to_dict, total_optimizer_steps, train_timesteps, validate,
                      warmup_steps)
 from .ddim import ddim_schedule, ddim_step
+from .distributed import SingleProcess
 from .host import Cond, Host
 from .losses import PolicyLoss, dpok_kl, ppo_clip_loss, sf_loss
 
@@ -52,7 +56,7 @@ class Trajectory:
     latents: torch.Tensor | None  # (B, N+1, C, h, w) fp32 on the host device; None when not kept
     log_probs: torch.Tensor | None  # (B, N) fp32, log p of each stored transition under the sampling policy
     images: torch.Tensor  # (B, H, W, C) in 0..1, CPU
-    rewards: torch.Tensor  # (B,) fp32, CPU (may hold NaN/Inf until filtered)
+    rewards: torch.Tensor  # (B,) fp32, CPU (may hold NaN/Inf until filtered); (B, M) raw components of a mix
     advantages: torch.Tensor | None = None  # (B,) fp32, CPU
 
     def __len__(self) -> int:
@@ -132,11 +136,15 @@ class Trainer:
     def __init__(self, host: Host, reward_fn: RewardFn, prompts: list[str], cfg: TrainConfig,
                  checkpoint_path: str | os.PathLike | None = None,
                  on_epoch: Callable[[EpochStats], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, resume: bool = True):
+                 should_stop: Callable[[], bool] | None = None, resume: bool = True, dist=None):
         self.prompts = [p.strip() for p in prompts if p and p.strip()]
         if not self.prompts:
             raise ValueError("no prompts to train on: give at least one non-empty prompt")
         validate(cfg, int(host.alphas_cumprod.shape[0]))
+        self.dist = dist if dist is not None else SingleProcess()
+        if cfg.images_per_epoch % self.dist.world_size:
+            raise ValueError(f"images_per_epoch = {cfg.images_per_epoch} does not split over {self.dist.world_size} "
+                             "processes: make it a multiple of the number of processes")
         self.host, self.reward_fn, self.cfg = host, reward_fn, cfg
         self.checkpoint_path = checkpoint_path
         self.on_epoch, self.should_stop = on_epoch, should_stop
@@ -186,26 +194,35 @@ class Trainer:
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trajectories need autograd
             try:
                 while self.epoch < target:
-                    # 1. sample with the current LoRA (no grad) and score the images
+                    # 1. sample this rank's share with the current LoRA (no grad) and score the images
                     t0 = time.perf_counter()
-                    traj = self.sample(self._epoch_prompts(), self._draw_seed(self.gen_sample), keep=True)
+                    prompts = self._epoch_prompts()
+                    lo, hi = self._shard(len(prompts))
+                    traj = self.sample(prompts[lo:hi], self._draw_seed(self.gen_sample), keep=True, offset=lo,
+                                       raw_components=True)
                     t1 = time.perf_counter()
 
-                    # 2. rewards → advantages; NaN/Inf rewards are dropped, never trained on
-                    keep = finite_mask(traj.rewards, traj.prompts)
-                    batch = traj.select(keep)
-                    batch.advantages = compute_advantages(cfg.advantage, batch.rewards, batch.prompts, self.tracker)
+                    # 2. every rank's rewards → advantages (the same on every rank); NaN/Inf rewards are
+                    #    dropped, never trained on
+                    rewards = self._combine(self.dist.all_gather(traj.rewards))
+                    traj.rewards = rewards[lo:hi]
+                    keep = finite_mask(rewards, prompts)
+                    kept_prompts = [p for p, k in zip(prompts, keep.tolist()) if k]
+                    advantages = torch.zeros(len(prompts))
+                    advantages[keep] = compute_advantages(cfg.advantage, rewards[keep], kept_prompts, self.tracker)
+                    batch = traj.select(keep[lo:hi])
+                    batch.advantages = advantages[lo:hi][keep[lo:hi]]
 
                     # 3. train on a random K of each sample's timesteps, with gradient accumulation
                     with host.training(), torch.enable_grad():
-                        info = self.train_on(batch)
+                        info = self.train_on(batch, offset=int(keep[:lo].sum()), total=int(keep.sum()))
                     t2 = time.perf_counter()
 
                     # 4. a finished epoch: stats, checkpoint, then the caller's hook
                     self.epoch += 1
-                    r = batch.rewards
+                    r = rewards[keep]
                     stats = EpochStats(
-                        epoch=self.epoch, n_images=len(traj), n_dropped=int((~keep).sum()),
+                        epoch=self.epoch, n_images=len(prompts), n_dropped=int((~keep).sum()),
                         reward_mean=float(r.mean()), reward_std=float(r.std(unbiased=False)),
                         reward_min=float(r.min()), reward_max=float(r.max()), loss=_mean(info["loss"]),
                         approx_kl=_mean(info["approx_kl"]), clipfrac=_mean(info["clipfrac"]), kl=_mean(info["kl"]),
@@ -226,7 +243,7 @@ class Trainer:
     def _finish_epoch(self, stats: EpochStats) -> None:
         self.history.append(stats.as_dict())
         self._snapshot = self.state_dict()
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is not None and self.dist.is_main:  # every rank holds the same state
             save_checkpoint(self.checkpoint_path, self._snapshot)
         log.info("epoch %d/%d: reward %.4g ± %.3g (min %.4g, max %.4g, %d dropped), loss %.3g, approx_kl %.3g, "
                  "clipfrac %.3f, kl %.3g, grad_norm %.3g, lr %.3g, sampling %.1fs, training %.1fs",
@@ -252,13 +269,27 @@ class Trainer:
             order += torch.randperm(len(self.prompts), generator=self.gen_sample).tolist()
         return [self.prompts[i] for i in order[:groups] for _ in range(cfg.images_per_prompt)]
 
+    def _shard(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [lo, hi) of n samples."""
+        per = n // self.dist.world_size
+        return self.dist.rank * per, (self.dist.rank + 1) * per
+
+    def _combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """One reward per sample: a mix standardises the whole epoch's component scores at once."""
+        if raw.ndim == 2:
+            return torch.as_tensor(self.reward_fn.combine(raw)).detach().float().reshape(-1).cpu()
+        return raw
+
     @staticmethod
     def _draw_seed(gen: torch.Generator) -> int:
         return int(torch.randint(0, _SEED_RANGE, (1,), generator=gen))
 
-    def sample(self, prompts: list[str], seed: int, keep: bool = True) -> Trajectory:
+    def sample(self, prompts: list[str], seed: int, keep: bool = True, offset: int = 0,
+               raw_components: bool = False) -> Trajectory:
         """Denoise, decode and score `prompts` (no grad); image i's noise comes from its own generator,
-        seeded seed + i, so samples do not depend on sample_batch_size. keep=False: images and rewards only.
+        seeded seed + offset + i, so samples depend neither on sample_batch_size nor on how an epoch is split
+        over processes. keep=False: images and rewards only. raw_components: a reward mix's per-component
+        scores (B, M) instead of mixed rewards, for `_combine` over the whole epoch.
         """
         cfg, host, sched = self.cfg, self.host, self._sched
         shape = host.latent_shape(cfg.height, cfg.width)
@@ -271,7 +302,7 @@ class Trainer:
                 self._poll()
                 batch_prompts = prompts[start:start + bs]
                 b = len(batch_prompts)
-                gens = [torch.Generator().manual_seed(seed + start + i) for i in range(b)]
+                gens = [torch.Generator().manual_seed(seed + offset + start + i) for i in range(b)]
 
                 def noise() -> torch.Tensor:
                     return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
@@ -294,13 +325,18 @@ class Trainer:
                 img = host.decode(x).detach().float().cpu()
                 images.append(img)
                 t0 = time.perf_counter()
-                rewards.append(self._score(img, batch_prompts))
+                rewards.append(self._score(img, batch_prompts, raw_components))
                 self._reward_seconds += time.perf_counter() - t0
         return Trajectory(prompts=list(prompts), latents=torch.cat(lat_parts) if keep else None,
                           log_probs=torch.cat(lp_parts) if keep else None,
                           images=torch.cat(images), rewards=torch.cat(rewards))
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _score(self, images: torch.Tensor, prompts: list[str], raw_components: bool = False) -> torch.Tensor:
+        if raw_components and hasattr(self.reward_fn, "score_components"):
+            r = torch.as_tensor(self.reward_fn.score_components(images, prompts)).detach().float().cpu()
+            if r.ndim != 2 or r.shape[0] != len(prompts):
+                raise ValueError(f"the reward mix returned components of shape {tuple(r.shape)} for {len(prompts)} images")
+            return r
         r = torch.as_tensor(self.reward_fn(images, prompts)).detach().float().reshape(-1).cpu()
         if r.numel() != len(prompts):
             raise ValueError(f"the reward function returned {r.numel()} values for {len(prompts)} images")
@@ -309,26 +345,51 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------------
-    def train_on(self, batch: Trajectory) -> dict[str, Any]:
-        """One epoch's training on a sampled batch with advantages: num_inner_epochs passes in shuffled
-        micro-batches, an optimizer step every gradient_accumulation_steps micro-batches and after the last.
+    def train_on(self, batch: Trajectory, offset: int = 0, total: int | None = None) -> dict[str, Any]:
+        """One epoch's training on a sampled batch with advantages: num_inner_epochs passes over the epoch's
+        samples in shuffled groups of train_batch_size × gradient_accumulation_steps, one optimizer step per
+        group, each group back-propagated in micro-batches of at most train_batch_size.
+
+        With several processes, `batch` is this rank's share: samples offset … offset+len(batch)−1 of the
+        `total` kept samples of the epoch. The shuffle and the timesteps are drawn for all `total` samples
+        (the same on every rank), each rank back-propagates the members of a group it holds, and the
+        gradients are summed over ranks before the step: the same groups, steps and result as one process.
         Call inside host.training(); `run` does."""
         cfg = self.cfg
-        n, steps = len(batch), len(self.schedule)
+        n = len(batch)
+        total = n if total is None else int(total)
+        steps, per_step = len(self.schedule), cfg.train_batch_size * cfg.gradient_accumulation_steps
         info: dict[str, Any] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "grad_norm": [],
                                 "lr": self.optimizer.param_groups[0]["lr"], "steps": 0, "skipped": 0,
                                 "ratio_errors": [], "updated": False}
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.num_inner_epochs):
-            order = torch.randperm(n, generator=self.gen_train)
+            order = torch.randperm(total, generator=self.gen_train)
             # DDPO: a random subset of K timesteps per sample, the j-th column trained at micro-step j
-            columns = torch.rand(n, steps, generator=self.gen_train).argsort(dim=1)[:, :self.K]
-            chunks = order.split(cfg.train_batch_size)
-            for m, idx in enumerate(chunks):
-                scale = len(idx) / (cfg.train_batch_size * cfg.gradient_accumulation_steps * self.K)
-                self.backward_microbatch(batch, idx, columns[idx], scale, info)
-                if (m + 1) % cfg.gradient_accumulation_steps == 0 or m == len(chunks) - 1:
-                    self._optimizer_step(info)
+            columns = torch.rand(total, steps, generator=self.gen_train).argsort(dim=1)[:, :self.K]
+            for group in order.split(per_step):
+                mine = group[(group >= offset) & (group < offset + n)]
+                for idx in mine.split(cfg.train_batch_size):
+                    scale = len(idx) / (per_step * self.K)
+                    self.backward_microbatch(batch, idx - offset, columns[idx], scale, info)
+                self._optimizer_step(info)
+        return self._reduce_info(info)
+
+    def _reduce_info(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Per-micro-step diagnostics averaged over every rank's micro-steps (identity on one process)."""
+        if self.dist.world_size == 1:
+            return info
+        keys = ("loss", "approx_kl", "clipfrac", "kl")
+        sums = torch.tensor([float(torch.stack(info[k]).float().sum()) if info[k] else 0.0 for k in keys]
+                            + [float(len(info[k])) for k in keys])
+        self.dist.all_reduce_sum([sums])
+        for i, k in enumerate(keys):
+            info[k] = [sums[i] / sums[len(keys) + i]] if sums[len(keys) + i] > 0 else []
+        if info["ratio_errors"]:
+            local = torch.stack(info["ratio_errors"]).max().float().cpu()
+        else:
+            local = torch.zeros(())
+        info["ratio_errors"] = [self.dist.all_reduce_max(local.reshape(1))[0]]
         return info
 
     def backward_microbatch(self, batch: Trajectory, idx: torch.Tensor, columns: torch.Tensor, scale: float,
@@ -431,6 +492,11 @@ class Trainer:
                                "host.training(); the LoRA would never change. Check the host's training() set-up.")
 
     def _optimizer_step(self, info: dict[str, Any]) -> None:
+        if self.dist.world_size > 1:  # the sum of every rank's share of this group's gradient
+            for p in self.params:
+                if p.grad is None:  # this rank held none of the group's samples
+                    p.grad = torch.zeros_like(p)
+            self.dist.all_reduce_sum([p.grad for p in self.params])
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         if not math.isfinite(norm):
             log.warning("skipping an optimizer step: the LoRA gradient norm is %s", norm)
