@@ -13,6 +13,8 @@ import comfy.lora_convert
 import torch
 
 from ..training.lora import LoraFileError, LoraModule, LoraSet
+from ..training.lora.family import (FAMILY_LABELS, FAMILY_NAMES, describe_lora, family_mismatch, family_of_encoders,
+                                    lora_family, lora_shape)
 from ..training.lora.keys import slot_for_encoder, split_suffix
 
 _ENCODER_KEY = re.compile(r"^(clip_[lgh])\.transformer\.(.+)\.weight$")
@@ -20,31 +22,40 @@ _ENCODER_KEY = re.compile(r"^(clip_[lgh])\.transformer\.(.+)\.weight$")
 
 @dataclass
 class ClipLayout:
-    """What the text encoders of a CLIP object look like: module path -> (state-dict key, weight shape)."""
+    """What the text encoders of a CLIP object look like: module path -> (state-dict key, weight shape).
+
+    `others` names text encoders that are not CLIP-L/G/H (e.g. t5xxl): such a CLIP is not an SD family.
+    """
 
     encoders: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+    others: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, clip) -> "ClipLayout":
         encoders: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        others: set[str] = set()
         for key, param in clip.cond_stage_model.named_parameters():
             m = _ENCODER_KEY.match(key)
             if m and param.ndim == 2:
                 encoders.setdefault(m.group(1), {})[m.group(2)] = (key, tuple(param.shape))
-        return cls(encoders)
+            elif not key.startswith(("clip_l.", "clip_g.", "clip_h.")):
+                others.add(key.split(".", 1)[0])
+        return cls(encoders, sorted(others))
 
     @property
     def names(self) -> list[str]:
         return sorted(self.encoders)
 
     @property
-    def family(self) -> str:
-        names = set(self.encoders)
-        if {"clip_l", "clip_g"} <= names or names == {"clip_g"}:
-            return "sdxl"
-        if names == {"clip_h"}:
-            return "sd2"
-        return "sd1"
+    def family(self) -> str | None:
+        """sd1 / sd2 / sdxl, or None for any other set of text encoders (SDXL refiner, SD3, Flux, ...)."""
+        return None if self.others else family_of_encoders(self.names)
+
+    @property
+    def label(self) -> str:
+        """'SDXL (CLIP-L + CLIP-G)', or what the CLIP holds when it is no SD family."""
+        family = self.family
+        return FAMILY_LABELS[family] if family else f"a CLIP with {', '.join(self.names + self.others) or 'no encoder'}"
 
     def describe(self) -> str:
         parts = []
@@ -75,13 +86,19 @@ class Resolved:
     mismatched: list[str] = field(default_factory=list)
 
 
-def _lora_width(lora: LoraSet) -> str:
-    widths = sorted({m.down.shape[1] for (_, p), m in lora.modules.items() if p.endswith("q_proj")})
-    return "/".join(str(w) for w in widths) or "?"
+def check_family(lora: LoraSet, layout: ClipLayout) -> None:
+    """Refuse a LoRA whose keys, metadata or widths say it is for another family than this CLIP's."""
+    mismatch = family_mismatch(lora, layout.family)
+    if mismatch:
+        raise LoraFileError(
+            f"{lora.source}: {mismatch}. The file has {lora_shape(lora)}; the CLIP has {layout.describe()}. "
+            f"Use it with an {FAMILY_NAMES[lora_family(lora)]} checkpoint, or a LoRA made for "
+            f"{FAMILY_NAMES[layout.family]}.")
 
 
 def resolve(lora: LoraSet, layout: ClipLayout) -> Resolved:
-    """Map every text-encoder module of a file onto this CLIP, checking shapes; raise if nothing fits."""
+    """Map every text-encoder module of a file onto this CLIP, checking family and shapes; raise if nothing fits."""
+    check_family(lora, layout)
     res = Resolved()
     for (slot, path), module in sorted(lora.modules.items()):
         wanted = (module.up.shape[0], module.down.shape[1])
@@ -99,19 +116,19 @@ def resolve(lora: LoraSet, layout: ClipLayout) -> Resolved:
     if missing_slots:
         raise LoraFileError(
             f"{lora.source}: has weights for text encoder slot(s) {', '.join(missing_slots)}, which this CLIP "
-            f"({layout.family}: {layout.describe()}) does not have. It is probably for another model family "
-            "(te1/te2 keys mean SDXL); load it with a matching checkpoint."
+            f"({layout.label}: {layout.describe()}) does not have. The LoRA is for {describe_lora(lora)}; load it "
+            "with a checkpoint of that family (te1/te2 keys mean SDXL)."
         )
     if lora.modules and res.mismatched:
         raise LoraFileError(
             f"{lora.source}: its text-encoder weights do not fit this CLIP ({len(res.mismatched)} module(s), e.g. "
-            f"{res.mismatched[0]}). The LoRA was trained for a text encoder of width {_lora_width(lora)}; this CLIP "
-            f"has {layout.describe()}. Use a LoRA made for this model family (SD 1.x, SD 2.x or SDXL)."
+            f"{res.mismatched[0]}). The LoRA is for {describe_lora(lora)}; this CLIP is {layout.label}: "
+            f"{layout.describe()}. Use a LoRA made for this model family (SD 1.x, SD 2.x or SDXL)."
         )
     if lora.modules and not res.modules:
         raise LoraFileError(
             f"{lora.source}: none of its {len(lora.modules)} text-encoder modules (slots {', '.join(lora.slots)}) "
-            f"exist in this CLIP ({layout.describe()}). It is probably for another model family "
+            f"exist in this CLIP ({layout.label}: {layout.describe()}). It is probably for another model family "
             "(an SDXL LoRA has te1/te2 keys, SD 1.x/2.x have one encoder); load it with a matching checkpoint."
         )
     return res

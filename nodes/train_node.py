@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+import comfy.model_base
 import comfy.model_management as mm
+import comfy.model_sampling
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -18,6 +20,8 @@ from ..training.checkpoint import prompts_digest
 from ..training.config import PRESETS, ConfigError, config_to_dict, make_config
 from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora, save_kohya
+from ..training.lora.family import ENCODER_LABELS, family_label
+from ..training.lora.read import read_metadata
 from ..training.loop import Trainer, TrainingCancelled
 from . import progress
 from .lora_apply import ClipLayout, clip_patches, resolve
@@ -28,6 +32,8 @@ from .reward_nodes import Reward
 log = logging.getLogger(__name__)
 LORA_SUBFOLDER = "texforce"
 EVENT = "texforce.progress"
+# text_encoders setting -> the encoders ComfyHost trains (None: every CLIP text encoder of the model)
+ENCODER_CHOICES = {"all": None, "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
 
 
 def run_dir(name: str) -> Path:
@@ -48,6 +54,42 @@ def _send(payload: dict) -> None:
             PromptServer.instance.send_sync(EVENT, payload)
     except Exception:  # no server (in-process use): the event only feeds the browser chart
         log.debug("no server to send %s to", EVENT)
+
+
+def native_resolution(model) -> int:
+    """The size the family's base models were trained at: SDXL 1024, SD 2.x v-prediction 768, else 512.
+
+    Sampling far below it gives images the reward never sees in use; far above it costs quadratically."""
+    base = model.model
+    if isinstance(base, comfy.model_base.SDXL):
+        return 1024
+    sampling = model.get_model_object("model_sampling")
+    if type(getattr(base, "model_config", None)).__name__.startswith("SD2") and \
+            isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        return 768
+    return 512
+
+
+def check_resume_layout(lora_path: Path, run: str, family: str | None, encoders: list[str]) -> None:
+    """Refuse to resume a run trained on another model family or another choice of text encoders.
+
+    The run's LoRA file records both (texforce.family, texforce.encoders); resuming across them would load a
+    LoRA of other shapes into this model, or drop the part of it this setting does not train."""
+    if not lora_path.is_file():
+        return
+    meta = read_metadata(lora_path)
+    was_family = meta.get("texforce.family")
+    if was_family and family and was_family != family:
+        raise LoraFileError(
+            f"run {run!r} was trained on {family_label(was_family)} ({lora_path.name}), but this CLIP is "
+            f"{family_label(family)}: resume it with the checkpoint it was trained on, or choose another lora_name.")
+    was = [e for e in meta.get("texforce.encoders", "").split(",") if e]
+    if was and sorted(was) != sorted(encoders):
+        names = " + ".join(ENCODER_LABELS.get(e, e) for e in sorted(was))
+        raise LoraFileError(
+            f"run {run!r} trained {names} ({lora_path.name}); this setting trains "
+            f"{' + '.join(ENCODER_LABELS.get(e, e) for e in sorted(encoders))}. Set text_encoders as the run was "
+            "started, or choose another lora_name.")
 
 
 def _prompt_list(text: str) -> list[str]:
@@ -89,8 +131,12 @@ class TexForceTrain(io.ComfyNode):
                 io.Int.Input("batch_size", default=4, min=1, max=256,
                              tooltip="Images per sampling batch and per training micro-batch: memory only. "
                                      "images_per_epoch must be a multiple of it."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Sample width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Sample height in pixels."),
+                io.Int.Input("width", default=0, min=0, max=4096, step=8,
+                             tooltip="Sample width in pixels. 0 = auto: the model family's native size (512 for "
+                                     "SD 1.x and SD 2.x base, 768 for SD 2.x v-prediction, 1024 for SDXL). Time "
+                                     "per epoch grows with width × height."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=8,
+                             tooltip="Sample height in pixels. 0 = auto, as for width."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="DDIM steps per sample. Sampling time is linear in it; half are trained "
                                      "(texforce preset)."),
@@ -116,6 +162,11 @@ class TexForceTrain(io.ComfyNode):
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue this run from its checkpoint. Off: refuse if the run exists "
                                          "(nothing is overwritten)."),
+                io.Combo.Input("text_encoders", options=list(ENCODER_CHOICES), default="all", optional=True,
+                               tooltip="Which text encoder(s) get the LoRA. all: every one the CLIP has (SD 1.x: "
+                                       "CLIP-L, SD 2.x: OpenCLIP-H, SDXL: CLIP-L and CLIP-G). clip_l / clip_g: "
+                                       "SDXL's CLIP-L (te1) or CLIP-G (te2, which also makes the pooled output) "
+                                       "only; an encoder the CLIP does not have is refused."),
             ],
             outputs=[
                 io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied."),
@@ -130,8 +181,13 @@ class TexForceTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, reward, prompts: str, preset: str, epochs: int, images_per_epoch: int,
                 images_per_prompt: int, batch_size: int, width: int, height: int, steps: int, guidance: float,
                 eta: float, learning_rate: float, lora_rank: int, kl_weight: float, advantage: str, seed: int,
-                lora_name: str, resume: bool) -> io.NodeOutput:
+                lora_name: str, resume: bool, text_encoders: str = "all") -> io.NodeOutput:
         prompt_list = _prompt_list(prompts)
+        if text_encoders not in ENCODER_CHOICES:
+            raise ConfigError(f"text_encoders must be one of {', '.join(ENCODER_CHOICES)}, got {text_encoders!r}")
+        if not width or not height:
+            size = native_resolution(model)
+            width, height = width or size, height or size
         micro = max(1, images_per_epoch // batch_size)
         overrides = dict(epochs=epochs, images_per_epoch=images_per_epoch, images_per_prompt=images_per_prompt,
                          sample_batch_size=batch_size, train_batch_size=batch_size,
@@ -152,11 +208,15 @@ class TexForceTrain(io.ComfyNode):
                                 "it, or choose another lora_name.")
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         with torch.inference_mode(False):
-            host = ComfyHost(model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-            pbar = comfy.utils.ProgressBar(epochs)
+            host = ComfyHost(model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed,
+                             encoders=ENCODER_CHOICES[text_encoders])
             layout = ClipLayout.of(clip)
             family = layout.family
+            if resume:
+                check_resume_layout(lora_path, lora_name, family, host.encoders)
+            pbar = comfy.utils.ProgressBar(epochs)
             meta = {"preset": preset, "reward": getattr(reward, "name", type(reward).__name__),
+                    "encoders": ",".join(host.encoders), "width": width, "height": height,
                     "prompts_sha256": prompts_digest(prompt_list),
                     "num_steps": cfg.num_steps, "guidance": cfg.guidance, "config": json.dumps(config_to_dict(cfg))}
             state = {"last_epoch": 0}

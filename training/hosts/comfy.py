@@ -30,6 +30,7 @@ import comfy.samplers
 
 from ..ddim import abar_from_sigma, eps_from_denoised_k, sigma_from_abar, vp_to_k
 from ..host import Cond, Predict
+from ..lora.family import ENCODER_LABELS, encoders_label, family_label, family_of_encoders
 from ..lora.keys import parse_state_dict, slot_for_encoder
 from ..lora.trainable import TrainableLora
 
@@ -107,27 +108,46 @@ class ComfyHost:
         self.sample_sigmas: torch.Tensor | None = None  # the run's DDIM sigmas, for MODEL patches that read them
 
         self.clip = clip.clone()
-        keys = {}
+        targets: dict[tuple[str, str], str] = {}  # (encoder, module path) -> state-dict key of its weight
         for name, module in self.clip.cond_stage_model.named_modules():
             m = _TARGET.match(name)
-            if m and (encoders is None or m.group(1) in encoders):
-                keys[(m.group(1), m.group(2))] = f"{name}.weight"
-        present = sorted({enc for enc, _ in keys})
-        if not keys:
-            raise ValueError(f"this CLIP has no trainable CLIP text encoder (asked for {encoders}); "
-                             "TexForce trains CLIP-L / CLIP-G / OpenCLIP-H encoders only.")
+            if m:
+                targets[(m.group(1), m.group(2))] = f"{name}.weight"
+        self.model_encoders = sorted({enc for enc, _ in targets})
+        self.family = family_of_encoders(self.model_encoders)
+        self.encoders = self._check_encoders(encoders)
         params = dict(self.clip.cond_stage_model.named_parameters())
-        by_slot = {(slot_for_encoder(enc, present), path): key for (enc, path), key in keys.items()}
+        # Slots follow the CLIP's encoders, not the trained subset: CLIP-G alone on SDXL is still te2.
+        by_slot = {(slot_for_encoder(enc, self.model_encoders), path): key
+                   for (enc, path), key in targets.items() if enc in self.encoders}
         shapes = {slot_key: tuple(params[key].shape) for slot_key, key in by_slot.items()}
-        self.encoders = present
         with torch.inference_mode(False):  # nodes run in inference mode; trainable tensors must not be inference tensors
             self.lora = TrainableLora(shapes, rank=rank, alpha=alpha, seed=seed, device=self.clip.patcher.load_device)
+        self.lora.family = self.family
         for index, slot_key in enumerate(self.lora.keys):
             self.clip.patcher.add_weight_wrapper(by_slot[slot_key], _LoraWrapper(self.lora, index))
         _wrap_all(self.clip.patcher, skip=set(by_slot.values()))
+        self._context_dim = _context_dim(model)
+        self._context_checked = False
 
         self._model = model.clone()
         self._training = False
+
+    def _check_encoders(self, encoders: list[str] | None) -> list[str]:
+        """The encoders to train (all of the CLIP's by default); naming one the CLIP lacks is an error."""
+        have = self.model_encoders
+        if not have:
+            raise ValueError("this CLIP has no CLIP text encoder (CLIP-L, CLIP-G or OpenCLIP-H); TexForce trains "
+                             "LoRAs on those only (SD 1.x, SD 2.x, SDXL).")
+        wanted = have if encoders is None else list(dict.fromkeys(encoders))
+        missing = [e for e in wanted if e not in have]
+        if missing or not wanted:
+            what = encoders_label(missing) if missing else "no encoder"
+            raise ValueError(
+                f"cannot train {what}: this CLIP is {family_label(self.family, 'a CLIP with ' + ', '.join(have))}, "
+                f"which has {encoders_label(have)} only. Train {' or '.join(ENCODER_LABELS[e] for e in have)}"
+                f"{' (or both)' if len(have) > 1 else ''} instead.")
+        return [e for e in have if e in wanted]
 
     @staticmethod
     def _check_model(model) -> None:
@@ -138,6 +158,15 @@ class ComfyHost:
         if type(sampling).__name__.startswith(("ModelSamplingFlux", "ModelSamplingDiscreteFlow", "ModelSamplingContinuousV")):
             raise ValueError(f"{type(sampling).__name__} models (flow matching / continuous schedules) are not "
                              "supported: the DDIM log-probability needs a discrete VP schedule.")
+
+    def _check_context(self, width: int) -> None:
+        """A CLIP of one family with a MODEL of another fails deep in the U-Net; say which is which instead."""
+        if self._context_dim is not None and width != self._context_dim:
+            raise ValueError(
+                f"the CLIP ({family_label(self.family, encoders_label(self.model_encoders))}) gives {width}-wide "
+                f"conditioning, but the MODEL ({_model_label(self._model)}) expects {self._context_dim}-wide "
+                "conditioning: connect the CLIP and MODEL of the same checkpoint.")
+        self._context_checked = True
 
     # -- Host interface -------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -170,6 +199,8 @@ class ComfyHost:
         length = math.lcm(*(c.shape[1] for c, _ in outs.values()))
         conds = {p: c.repeat(1, length // c.shape[1], 1) for p, (c, _) in outs.items()}
         cond = torch.cat([conds[p] for p in prompts]).float()
+        if not self._context_checked:
+            self._check_context(cond.shape[-1])
         out: Cond = {"cross_attn": cond}
         pooled = [outs[p][1] for p in prompts]
         if all(x is not None for x in pooled):
@@ -239,6 +270,20 @@ class ComfyHost:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
             self._training = False
+
+def _context_dim(model) -> int | None:
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    dim = config.get("context_dim")
+    return int(dim) if isinstance(dim, int) else None
+
+
+def _model_label(model) -> str:
+    """'SDXL' / 'SD 2.x' / 'SD 1.x' from the model's ComfyUI config class, else the class name."""
+    name = type(getattr(model.model, "model_config", model.model)).__name__
+    return {"SD15": "SD 1.x", "SD20": "SD 2.x", "SD21UnclipL": "SD 2.x unCLIP", "SD21UnclipH": "SD 2.x unCLIP",
+            "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SSD1B": "SDXL (SSD-1B)", "Segmind_Vega": "SDXL (Vega)",
+            "KOALA_700M": "SDXL (KOALA)", "KOALA_1B": "SDXL (KOALA)"}.get(name, name)
+
 
 def _comfy_cond(c: Cond) -> list:
     extra = {"pooled_output": c["pooled"]} if "pooled" in c else {}

@@ -53,6 +53,20 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file without reading its tensors ({} for other files)."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".sft"):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraFileError(f"{path}: not a readable safetensors file ({e}); it is probably truncated or corrupt.") from e
+
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of one file, refusing anything that is not plain named tensors."""
     if not path.is_file():

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from .family import describe_lora
 from .types import LoraFileError, LoraModule, LoraSet
 from .write import kohya_state_dict
 
@@ -21,6 +22,7 @@ class TrainableLora(torch.nn.Module):
         self.rank, self.alpha = int(rank), float(alpha)
         self.scale = self.alpha / self.rank
         self.enabled = True
+        self.family: str | None = None  # set by the host when it knows the model family (for messages)
         g = torch.Generator().manual_seed(seed)
         downs, ups = [], []
         for key in self.keys:
@@ -45,18 +47,29 @@ class TrainableLora(torch.nn.Module):
     def kohya_state(self) -> dict[str, torch.Tensor]:
         return kohya_state_dict(self.to_lora_set())
 
+    def describe(self) -> str:
+        """The family (when the host set it), the slots and widths this LoRA trains, for error messages."""
+        return describe_lora(self.to_lora_set(), family=self.family)
+
     def load_lora_set(self, lora: LoraSet) -> None:
-        """Load weights of the same layout (resume, or continue training a saved LoRA)."""
+        """Load weights of exactly this layout (resume). A LoRA of another family, or of another choice of
+        encoders, is refused naming both: loading only the overlap would silently drop the rest."""
         missing = [k for k in self.keys if k not in lora.modules]
-        if missing:
-            raise LoraFileError(f"{lora.source}: has no weights for {len(missing)} trained module(s), e.g. {missing[0]}; "
-                                "it was trained on another encoder layout.")
+        extra = sorted(set(lora.modules) - set(self.keys))
+        shaped = [k for i, k in enumerate(self.keys) if k in lora.modules and
+                  (lora.modules[k].down.shape[1:] != self.down[i].shape[1:] or
+                   lora.modules[k].up.shape[:1] != self.up[i].shape[:1])]
+        if missing or extra or shaped:
+            raise LoraFileError(
+                f"{lora.source}: its LoRA is for {describe_lora(lora)}, but this run trains {self.describe()} "
+                f"({len(missing)} module(s) missing, {len(extra)} extra, {len(shaped)} of another shape; e.g. "
+                f"{(missing + extra + shaped)[0]}). Resume with the checkpoint and text-encoder choice it was "
+                "trained with, or start a new run.")
         with torch.no_grad():
             for i, key in enumerate(self.keys):
                 m = lora.modules[key]
-                if m.rank != self.rank or m.down.shape != self.down[i].shape or m.up.shape != self.up[i].shape:
-                    raise LoraFileError(f"{lora.source}: {key[1]} has rank {m.rank} / shape {tuple(m.up.shape)}×"
-                                        f"{tuple(m.down.shape)}, this run uses rank {self.rank}.")
+                if m.rank != self.rank:
+                    raise LoraFileError(f"{lora.source}: {key[1]} has rank {m.rank}, this run uses rank {self.rank}.")
                 # Keep ΔW exact under our alpha: fold any alpha difference into `up`.
                 self.down[i].copy_(m.down)
                 self.up[i].copy_(m.up * (m.scale / self.scale))

@@ -16,8 +16,8 @@ class TexForceTestTinyCheckpoint(io.ComfyNode):
             inputs=[io.Combo.Input("family", options=["sd1", "sd2", "sdxl"], default="sd1"),
                     io.Int.Input("seed", default=0, min=0, max=2**31),
                     io.Boolean.Input("prompt_controls_image", default=False, optional=True,
-                                     tooltip="sd1 only: the v-prediction tiny model whose text pathway controls "
-                                             "the image (learning tests, the demo)")],
+                                     tooltip="the tiny model whose text pathway controls the image (learning "
+                                             "tests, the demo); sd1: v-prediction with output gain 20")],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
@@ -26,8 +26,7 @@ class TexForceTestTinyCheckpoint(io.ComfyNode):
         if prompt_controls_image and family == "sd1":
             return io.NodeOutput(tiny_models.tiny_model(seed, True, v_prediction=True, output_gain=20),
                                  tiny_models.tiny_clip(family, seed, True), tiny_models.tiny_vae(seed, True))
-        model = tiny_models.tiny_model(seed) if family == "sd1" else None
-        return io.NodeOutput(model, tiny_models.tiny_clip(family, seed), tiny_models.tiny_vae(seed))
+        return io.NodeOutput(*tiny_models.tiny_checkpoint(family, seed, prompt_controls_image))
 
 
 class _Extension(ComfyExtension):

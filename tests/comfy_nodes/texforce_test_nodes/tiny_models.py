@@ -1,8 +1,11 @@
 """Tiny, seeded MODEL / CLIP / VAE objects built from real comfy classes (CPU, no downloads).
 
 Key names and module structure are those of the real checkpoints (clip_l / clip_g / clip_h under
-`<enc>.transformer.text_model...`, SD1.5 U-Net under `diffusion_model.`), only the widths are small:
+`<enc>.transformer.text_model...`, U-Nets under `diffusion_model.`), only the widths are small:
 CLIP-L 32 (3 layers), CLIP-H 40 (3), CLIP-G 48 (4), so a LoRA for one encoder can never fit another by accident.
+U-Nets per family (tiny_unet): SD 1.5 config (context 32), SD 2.x config (context 40, linear transformers,
+v-prediction like 2.x-768-v), SDXL config (context 32 + 48 = 80, label embedding of CLIP-G's pooled output
+plus ComfyUI's six size embeddings, i.e. 48 + 6·256 inputs), each in ComfyUI's own model class.
 """
 from __future__ import annotations
 
@@ -136,6 +139,44 @@ def tiny_model(seed: int = 0, text_controls_image: bool = False, v_prediction: b
     base = init_fan_in(model, seed, output_gain=output_gain) if text_controls_image else init_weights(model, seed)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+TINY_UNET_SD2 = {**TINY_UNET, "context_dim": 40, "use_linear_in_transformer": True}
+# SDXL.encode_adm: CLIP-G's projected pooled output (width 48 here) + 6 size embeddings of width 256.
+SDXL_ADM_CHANNELS = 48 + 6 * 256
+TINY_UNET_SDXL = {**TINY_UNET, "context_dim": 80, "use_linear_in_transformer": True, "num_classes": "sequential",
+                  "adm_in_channels": SDXL_ADM_CHANNELS, "transformer_depth": [0, 1],
+                  "transformer_depth_output": [0, 0, 1, 1]}  # no attention at full resolution, like SDXL
+
+
+def tiny_unet(family: str = "sd1", seed: int = 0, text_controls_image: bool = False,
+              v_prediction: bool | None = None, output_gain: float = 1.0) -> comfy.model_patcher.ModelPatcher:
+    """A tiny MODEL of the family in ComfyUI's own classes: sd1 = tiny_model; sd2 = SD20 config, v-prediction by
+    default (as SD 2.x 768-v); sdxl = SDXL config and comfy.model_base.SDXL (pooled + size conditioning), eps."""
+    if family == "sd1":
+        return tiny_model(seed, text_controls_image, bool(v_prediction), output_gain)
+    if family == "sd2":
+        cfg = comfy.supported_models.SD20(dict(TINY_UNET_SD2))
+        model_class, v_prediction = comfy.model_base.BaseModel, (True if v_prediction is None else v_prediction)
+    elif family == "sdxl":
+        cfg = comfy.supported_models.SDXL(dict(TINY_UNET_SDXL))
+        model_class, v_prediction = comfy.model_base.SDXL, bool(v_prediction)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    cfg.unet_config.update(num_heads=-1, num_head_channels=16)  # the real configs' 64-wide heads do not fit 32
+    cfg.set_inference_dtype(torch.float32, None)
+    model_type = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    model = model_class(cfg, model_type=model_type, device=torch.device("cpu"))
+    base = init_fan_in(model, seed, output_gain=output_gain) if text_controls_image else init_weights(model, seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_checkpoint(family: str = "sd1", seed: int = 0, text_controls_image: bool = False,
+                    v_prediction: bool | None = None, output_gain: float = 1.0):
+    """(MODEL, CLIP, VAE) of one family, as a checkpoint loader gives them."""
+    return (tiny_unet(family, seed, text_controls_image, v_prediction, output_gain),
+            tiny_clip(family, seed, text_controls_image), tiny_vae(seed, text_controls_image))
 
 
 TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
