@@ -26,6 +26,7 @@ from ..rewards.aesthetic import AestheticReward
 from ..rewards.clip_models import ClipImageEncoder, ClipScoreReward, PickScoreReward
 from ..rewards.diversity import DiversityReward
 from ..rewards.hps import HpsReward
+from ..rewards.imagereward import ImageRewardModel
 from ..rewards.jpeg import JpegReward
 from ..rewards.mix import RewardMix
 
@@ -74,6 +75,16 @@ def resolve(entry: str, default: published.Published) -> Path:
     return Path(full)
 
 
+def resolve_tokenizer(entry: str, default: published.Published) -> Path:
+    """A tokenizer folder (found by its vocab.txt; it needs no config.json or weights) in reward_models."""
+    name = default.name if entry in (AUTO, "", None) else entry
+    name = name if name.endswith("/") else name + "/"
+    vocab = folder_paths.get_full_path(FOLDER, name + "vocab.txt")
+    if vocab is None:
+        raise published.MissingWeightsError(default, _looked_in(name), "The folder needs at least vocab.txt.")
+    return Path(vocab).parent
+
+
 def _looked_in(name: str) -> str:
     return ", ".join(os.path.join(p, name) for p in folder_paths.get_folder_paths(FOLDER))
 
@@ -118,6 +129,7 @@ KINDS = {
     "PickScore": "pickscore",
     "HPS v2 / v2.1": "hps",
     "CLIPScore": "clipscore",
+    "ImageReward": "imagereward",
 }
 
 
@@ -146,6 +158,12 @@ def load_reward(kind: str, model: str = AUTO, clip_model: str = AUTO) -> Managed
         else:
             path = resolve(model, published.HPS_V21)
         return cached(("hps",), [path], lambda: HpsReward.from_checkpoint(path))
+    if kind == "imagereward":
+        path = resolve(model, published.IMAGEREWARD)
+        tokenizer = resolve_tokenizer(clip_model, published.IMAGEREWARD_TOKENIZER)
+        med = path.parent / "med_config.json"
+        return cached(("imagereward",), [path, tokenizer] + ([med] if med.is_file() else []),
+                      lambda: ImageRewardModel.from_files(path, tokenizer))
     raise ValueError(f"unknown reward model kind {kind!r}; choose one of {sorted(KINDS)}")
 
 
@@ -182,20 +200,22 @@ class TexForceRewardModelLoader(io.ComfyNode):
             display_name="TexForce Reward Model Loader",
             category="TexForce/rewards",
             description="A learned reward from models/reward_models/: LAION aesthetic (~1–10), PickScore (~18–23), "
-                        "HPS v2/v2.1 (~0.2–0.35) or CLIPScore (100·max(cos,0)). Loaded once and cached; runs on "
-                        "ComfyUI's device. ImageReward and face/hand rewards are not available in this version.",
+                        "HPS v2/v2.1 (~0.2–0.35), CLIPScore (100·max(cos,0)) or ImageReward (~−2..2). Loaded "
+                        "once and cached; runs on ComfyUI's device.",
             inputs=[
                 io.Combo.Input("kind", options=list(KINDS), default=list(KINDS)[0],
                                tooltip="Which reward model. The published file names (used by 'auto'): aesthetic: "
                                        "sac+logos+ava1-l14-linearMSE.pth + clip-vit-large-patch14/; PickScore: "
                                        "PickScore_v1/; HPS: HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt); "
-                                       "CLIPScore: clip-vit-large-patch14/ (any CLIP folder)."),
+                                       "CLIPScore: clip-vit-large-patch14/ (any CLIP folder); ImageReward: "
+                                       "ImageReward.pt (+ its med_config.json beside it) and bert-base-uncased/."),
                 io.Combo.Input("model", options=entries, default=AUTO,
                                tooltip="The weights: a file, or a Hugging Face folder (name ending in '/'). "
                                        "For aesthetic this is the MLP head file."),
                 io.Combo.Input("clip_model", options=entries, default=AUTO, optional=True,
-                               tooltip="aesthetic only: the CLIP ViT-L/14 Hugging Face folder "
-                                       "(openai/clip-vit-large-patch14)."),
+                               tooltip="The second folder some rewards need. aesthetic: the CLIP ViT-L/14 Hugging "
+                                       "Face folder (openai/clip-vit-large-patch14). ImageReward: the BERT tokenizer "
+                                       "folder (bert-base-uncased/, vocab.txt is enough). Others: unused."),
             ],
             outputs=[Reward.Output(display_name="reward")],
         )

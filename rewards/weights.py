@@ -47,7 +47,11 @@ CLIPSCORE = Published(
     contents="config.json, model weights, preprocessor_config.json and tokenizer files")
 HPS_V21 = Published("HPS v2.1", "HPS_v2.1_compressed.pt", "huggingface.co/xswu/HPSv2 (HPS_v2.1_compressed.pt)")
 HPS_V2 = Published("HPS v2", "HPS_v2_compressed.pt", "huggingface.co/xswu/HPSv2 (HPS_v2_compressed.pt)")
-IMAGEREWARD = Published("ImageReward", "ImageReward.pt", "huggingface.co/THUDM/ImageReward")
+IMAGEREWARD = Published("ImageReward", "ImageReward.pt",
+                        "huggingface.co/THUDM/ImageReward (ImageReward.pt; put its med_config.json next to it)")
+IMAGEREWARD_TOKENIZER = Published(
+    "BERT tokenizer for ImageReward", "bert-base-uncased/", "huggingface.co/google-bert/bert-base-uncased",
+    contents="vocab.txt and tokenizer_config.json; the model weights are not needed")
 
 
 class MissingWeightsError(FileNotFoundError):

@@ -6,6 +6,9 @@
 - HPS v2.1: `HPS_v2.1_compressed.pt`, a torch pickle {"state_dict": open_clip model state dict}, for a tiny
   open_clip config registered under TINY_OPENCLIP (the real file is a ViT-H-14).
 - The aesthetic head is the real published file from ../shared/data/aesthetic/.
+- ImageReward: `ImageReward.pt`, a torch pickle of the state dict under THUDM's key names (BLIP ViT + BERT with
+  cross-attention + MLP head, tiny widths), with `med_config.json` beside it and a `bert-base-uncased/`
+  tokenizer folder whose WordPiece vocab.txt is written by hand.
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ def tiny_hps_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def reward_models_folder(root: Path, hps: bool = False) -> Path:
+def reward_models_folder(root: Path, hps: bool = False, imagereward: bool = False) -> Path:
     """A models/reward_models folder as a user would fill it (published names)."""
     root.mkdir(parents=True, exist_ok=True)
     tiny_hf_clip(root / "clip-vit-large-patch14", seed=1, projection_dim=768)
@@ -85,4 +88,108 @@ def reward_models_folder(root: Path, hps: bool = False) -> Path:
     shutil.copy(AESTHETIC_HEAD_FILE, root / AESTHETIC_HEAD_FILE.name)
     if hps:
         tiny_hps_checkpoint(root / "HPS_v2.1_compressed.pt", seed=3)
+    if imagereward:  # ImageReward.pt + med_config.json + bert-base-uncased/ in the folder itself
+        tiny_imagereward(root, seed=4)
     return root
+
+
+# ---------------------------------------------------------------- ImageReward
+
+IMAGEREWARD_WORDS = ["a", "an", "the", "photo", "of", "cat", "dog", "red", "cube", "astronaut", "riding", "horse",
+                     "painting", "portrait", "woman", "man", "in", "on", "with", "and", "two", "blue", "sky"]
+
+
+def tiny_bert_tokenizer(folder: Path) -> Path:
+    """A bert-base-uncased-style tokenizer folder: a hand-written WordPiece vocab.txt + tokenizer_config.json.
+
+    Same special tokens as bert-base-uncased ([PAD] first, [UNK], [CLS], [SEP], [MASK]), lower-casing on;
+    single letters and ##letters make every lower-case word tokenizable.
+    """
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + IMAGEREWARD_WORDS
+             + [c for c in letters if c not in IMAGEREWARD_WORDS] + [f"##{c}" for c in letters]
+             + list(".,!?'-") + [str(d) for d in range(10)])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}))
+    return folder
+
+
+def imagereward_published_state(vocab_size: int, seed: int = 0, vision_width: int = 64, vision_layers: int = 2,
+                                patch: int = 32, image_size: int = 224, hidden: int = 32, text_layers: int = 2,
+                                max_positions: int = 64) -> dict:
+    """Random tensors under the key names and shapes of THUDM's ImageReward.pt.
+
+    Names written out from the reference modules: BLIP's vit.py (timm VisionTransformer: cls_token, pos_embed,
+    patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm), BLIP's med.py BertModel
+    without pooler (embeddings incl. the saved position_ids buffer, encoder.layer.N.{attention,crossattention}.
+    {self.query/key/value,output.dense/LayerNorm}, intermediate.dense, output.dense/LayerNorm), BLIP_Pretrain's
+    vision_proj/text_proj, and ImageReward's MLP (mlp.layers.{0,2,4,6,7}).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, std=0.2):
+        return torch.randn(*shape, generator=g) * std
+
+    def ln(n):
+        return {"weight": 1 + w(n, std=0.1), "bias": w(n)}
+
+    out: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, tensors: dict):
+        for k, v in tensors.items():
+            out[prefix + k] = v
+
+    W, n_patch = vision_width, (image_size // patch) ** 2
+    v = "blip.visual_encoder."
+    put(v, {"cls_token": w(1, 1, W), "pos_embed": w(1, n_patch + 1, W), "patch_embed.proj.weight": w(W, 3, patch, patch),
+            "patch_embed.proj.bias": w(W)})
+    for i in range(vision_layers):
+        b = f"{v}blocks.{i}."
+        put(b + "norm1.", ln(W))
+        put(b + "attn.", {"qkv.weight": w(3 * W, W), "qkv.bias": w(3 * W), "proj.weight": w(W, W), "proj.bias": w(W)})
+        put(b + "norm2.", ln(W))
+        put(b + "mlp.", {"fc1.weight": w(4 * W, W), "fc1.bias": w(4 * W), "fc2.weight": w(W, 4 * W), "fc2.bias": w(W)})
+    put(v + "norm.", ln(W))
+    H, t = hidden, "blip.text_encoder."
+    put(t + "embeddings.", {"position_ids": torch.arange(max_positions).expand((1, -1)).clone(),
+                            "word_embeddings.weight": w(vocab_size, H, std=0.5),
+                            "position_embeddings.weight": w(max_positions, H, std=0.5)})
+    put(t + "embeddings.LayerNorm.", ln(H))
+    for i in range(text_layers):
+        b = f"{t}encoder.layer.{i}."
+        for part, kv_in in (("attention", H), ("crossattention", W)):
+            put(f"{b}{part}.self.", {"query.weight": w(H, H), "query.bias": w(H), "key.weight": w(H, kv_in),
+                                     "key.bias": w(H), "value.weight": w(H, kv_in), "value.bias": w(H)})
+            put(f"{b}{part}.output.", {"dense.weight": w(H, H), "dense.bias": w(H)})
+            put(f"{b}{part}.output.LayerNorm.", ln(H))
+        put(b, {"intermediate.dense.weight": w(4 * H, H), "intermediate.dense.bias": w(4 * H),
+                "output.dense.weight": w(H, 4 * H), "output.dense.bias": w(H)})
+        put(b + "output.LayerNorm.", ln(H))
+    put("blip.", {"vision_proj.weight": w(256, W), "vision_proj.bias": w(256), "text_proj.weight": w(256, H),
+                  "text_proj.bias": w(256)})
+    for i, (o, n) in zip((0, 2, 4, 6, 7), ((1024, H), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        put(f"mlp.layers.{i}.", {"weight": w(o, n, std=1.0 / (n ** 0.5)), "bias": w(o, std=0.1)})
+    return out
+
+
+def tiny_imagereward(folder: Path, seed: int = 0, text_heads: int = 2) -> Path:
+    """`ImageReward.pt` (a torch pickle of the state dict) + `med_config.json` next to it + `bert-base-uncased/`,
+    as a user would lay them out in reward_models. Returns the .pt path."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_dir = tiny_bert_tokenizer(folder / "bert-base-uncased")
+    vocab = len(BertTokenizer.from_pretrained(str(tok_dir))) + 2  # + BLIP's [DEC] and [ENC]
+    state = imagereward_published_state(vocab, seed=seed)
+    H = int(state["blip.text_encoder.embeddings.word_embeddings.weight"].shape[1])
+    (folder / "med_config.json").write_text(json.dumps({
+        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": H, "initializer_range": 0.02, "intermediate_size": 4 * H,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert",
+        "num_attention_heads": text_heads, "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2,
+        "vocab_size": vocab, "encoder_width": 64, "add_cross_attention": True}, indent=2))
+    path = folder / "ImageReward.pt"
+    torch.save(state, path)
+    return path

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import conftest  # noqa: F401  (ComfyUI and the pack as texforce_pack)
-from reward_builders import AESTHETIC_HEAD_FILE, TINY_OPENCLIP, tiny_hf_clip, tiny_hps_checkpoint
+from reward_builders import AESTHETIC_HEAD_FILE, TINY_OPENCLIP, tiny_hf_clip, tiny_hps_checkpoint, tiny_imagereward
 
-from texforce_pack.rewards import aesthetic, clip_models, diversity, hps, mix, preprocess, weights  # noqa: E402
+from texforce_pack.rewards import aesthetic, clip_models, diversity, hps, imagereward, mix, preprocess, weights  # noqa: E402
 from texforce_pack.rewards.base import RewardInputError  # noqa: E402
 
 MEAN, STD = torch.tensor(preprocess.CLIP_MEAN), torch.tensor(preprocess.CLIP_STD)
@@ -47,7 +47,8 @@ def models(tmp_path_factory):
     out = {"l14": tiny_hf_clip(root / "clip-vit-large-patch14", seed=1, projection_dim=768),
            "pick": tiny_hf_clip(root / "PickScore_v1", seed=2, logit_scale=4.6052),
            "clip": tiny_hf_clip(root / "clip-any", seed=3),  # seed 3: cosines of both signs for the clamp
-           "hps": tiny_hps_checkpoint(root / "HPS_v2.1_compressed.pt", seed=3), "root": root}
+           "hps": tiny_hps_checkpoint(root / "HPS_v2.1_compressed.pt", seed=3),
+           "ir": tiny_imagereward(root / "imagereward", seed=4), "root": root}
     return out
 
 
@@ -234,6 +235,195 @@ def test_hps_equals_open_clip_reference_and_loads_the_checkpoint_layouts(models,
         hps.HpsReward.from_checkpoint(tmp_path / "HPS_bad.pt", model_name=TINY_OPENCLIP)
 
 
+def test_hps_loads_the_training_checkpoint_layout_with_weights_only(models, tmp_path):
+    """HPSv2's save_ckpt writes {"iterations", "name", "state_dict", "optimizer"(, "scaler")}; the compressed
+    releases keep that dict. Ints, strings, optimizer and scaler state and fp16 tensors all pass weights_only."""
+    state = torch.load(models["hps"], weights_only=True)["state_dict"]
+    full = {"iterations": 4000, "name": "HPS_v2.1", "state_dict": {k: v.half() for k, v in state.items()},
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                          "param_groups": [{"lr": 3.3e-6, "betas": (0.9, 0.98), "params": [0]}]},
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 12}}
+    torch.save(full, tmp_path / "HPS_v2.1_compressed.pt")
+    fp16 = hps.HpsReward.from_checkpoint(tmp_path / "HPS_v2.1_compressed.pt", model_name=TINY_OPENCLIP)
+    ref = hps.HpsReward.from_checkpoint(models["hps"], model_name=TINY_OPENCLIP)
+    assert next(fp16.model.parameters()).dtype == torch.float32  # computed in fp32 whatever the file holds
+    x = smooth_images(2, 96, 96, seed=9)
+    torch.testing.assert_close(fp16(x, ["a", "b"]), ref(x, ["a", "b"]), rtol=0, atol=5e-3)
+
+
+# ---------------------------------------------------------------- ImageReward
+
+def _ln(x, sd, p, eps):
+    return F.layer_norm(x, x.shape[-1:], sd[p + "weight"], sd[p + "bias"], eps)
+
+
+def _lin(x, sd, p):
+    return x @ sd[p + "weight"].T + sd[p + "bias"]
+
+
+def _attend(q, k, v, heads, key_mask=None):
+    b, lq, d = q.shape
+    split = lambda t: t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
+    a = split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5
+    if key_mask is not None:
+        a = a.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return (a.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, lq, d)
+
+
+def hand_imagereward(sd: dict, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, vision_heads: int,
+                     text_heads: int) -> torch.Tensor:
+    """ImageReward's score written out from the published state dict, as BLIP's vit.py and med.py compute it:
+    pre-norm ViT (LayerNorm eps 1e-6, fused qkv, exact GELU), then a post-norm BERT whose layers self-attend
+    over the prompt, cross-attend to every image token and run the feed-forward; MLP on [CLS]; normalised."""
+    v = "blip.visual_encoder."
+    patch = sd[v + "patch_embed.proj.weight"].shape[-1]
+    x = F.conv2d(pixels, sd[v + "patch_embed.proj.weight"], sd[v + "patch_embed.proj.bias"], stride=patch)
+    x = torch.cat([sd[v + "cls_token"].expand(len(pixels), -1, -1), x.flatten(2).transpose(1, 2)], 1)
+    x = x + sd[v + "pos_embed"]
+    i = 0
+    while f"{v}blocks.{i}.norm1.weight" in sd:
+        b = f"{v}blocks.{i}."
+        q, k, val = _lin(_ln(x, sd, b + "norm1.", 1e-6), sd, b + "attn.qkv.").chunk(3, dim=-1)
+        x = x + _lin(_attend(q, k, val, vision_heads), sd, b + "attn.proj.")
+        x = x + _lin(F.gelu(_lin(_ln(x, sd, b + "norm2.", 1e-6), sd, b + "mlp.fc1.")), sd, b + "mlp.fc2.")
+        i += 1
+    image = _ln(x, sd, v + "norm.", 1e-6)
+    t = "blip.text_encoder."
+    h = sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+    h = _ln(h, sd, t + "embeddings.LayerNorm.", 1e-12)
+    i = 0
+    while f"{t}encoder.layer.{i}.attention.self.query.weight" in sd:
+        b = f"{t}encoder.layer.{i}."
+        s_ = b + "attention."
+        a = _attend(_lin(h, sd, s_ + "self.query."), _lin(h, sd, s_ + "self.key."), _lin(h, sd, s_ + "self.value."),
+                    text_heads, mask.bool())
+        h = _ln(_lin(a, sd, s_ + "output.dense.") + h, sd, s_ + "output.LayerNorm.", 1e-12)
+        c_ = b + "crossattention."
+        a = _attend(_lin(h, sd, c_ + "self.query."), _lin(image, sd, c_ + "self.key."),
+                    _lin(image, sd, c_ + "self.value."), text_heads)
+        h = _ln(_lin(a, sd, c_ + "output.dense.") + h, sd, c_ + "output.LayerNorm.", 1e-12)
+        f = _lin(F.gelu(_lin(h, sd, b + "intermediate.dense.")), sd, b + "output.dense.")
+        h = _ln(f + h, sd, b + "output.LayerNorm.", 1e-12)
+        i += 1
+    raw = hand_mlp({k[len("mlp."):]: w for k, w in sd.items() if k.startswith("mlp.")}, h[:, 0])
+    return (raw - 0.16717362830052426) / 1.0333394966054072
+
+
+def bert_ids(vocab_file, prompt: str, length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] + the prompt's whole-word ids + [SEP], padded with [PAD] to 35 (prompts of vocabulary words only)."""
+    vocab = vocab_file.read_text(encoding="utf-8").split("\n")
+    ids = [vocab.index("[CLS]")] + [vocab.index(w) for w in prompt.lower().split()] + [vocab.index("[SEP]")]
+    mask = [1] * len(ids) + [0] * (length - len(ids))
+    return torch.tensor(ids + [vocab.index("[PAD]")] * (length - len(ids))), torch.tensor(mask)
+
+
+@pytest.fixture(scope="module")
+def ir_model(models):
+    return imagereward.ImageRewardModel.from_files(models["ir"], models["ir"].parent / "bert-base-uncased")
+
+
+def test_imagereward_maps_every_published_key_onto_the_transformers_modules(models, ir_model):
+    state = torch.load(models["ir"], map_location="cpu", weights_only=True)
+    vision, text, head, left_out = imagereward.map_state_dict(state)
+    # only BLIP's contrastive projections and the saved position_ids are not used by the score
+    assert sorted(left_out) == ["blip.text_encoder.embeddings.position_ids", "blip.text_proj.bias",
+                                "blip.text_proj.weight", "blip.vision_proj.bias", "blip.vision_proj.weight"]
+    assert len(vision) + len(text) + len(head) + len(left_out) == len(state)
+    assert set(vision) == set(ir_model.vision.state_dict()) and set(text) == set(ir_model.text.state_dict())
+    assert set(head) == set(ir_model.head.state_dict())
+    # every published tensor ended up in the module the test expects, by the test's own renaming
+    renames = [("cls_token", "embeddings.class_embedding"), ("pos_embed", "embeddings.position_embedding"),
+               ("patch_embed.proj.", "embeddings.patch_embedding."), ("blocks.", "encoder.layers."),
+               (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."), (".attn.proj.", ".self_attn.projection."),
+               (".attn.qkv.", ".self_attn.qkv.")]
+    loaded_v, loaded_t = ir_model.vision.state_dict(), ir_model.text.state_dict()
+    for key, value in state.items():
+        if key.startswith("blip.visual_encoder."):
+            name = key[len("blip.visual_encoder."):]
+            if name.startswith("norm."):
+                name = "post_layernorm." + name[len("norm."):]
+            for a, b in renames:
+                name = name.replace(a, b)
+            assert torch.equal(loaded_v[name], value), key
+        elif key.startswith("blip.text_encoder.") and not key.endswith("position_ids"):
+            assert torch.equal(loaded_t[key[len("blip.text_encoder."):]], value), key
+        elif key.startswith("mlp."):
+            assert torch.equal(ir_model.head.state_dict()[key[len("mlp."):]], value), key
+    assert ir_model.vision.config.num_attention_heads == 1 and ir_model.text.config.num_attention_heads == 2
+    assert ir_model.vision.config.layer_norm_eps == 1e-6 and ir_model.preprocess.crop_rounding == "round"
+
+
+def test_imagereward_equals_a_hand_written_blip_forward_of_the_published_weights(models, ir_model):
+    sd = torch.load(models["ir"], map_location="cpu", weights_only=True)
+    vocab_file = models["ir"].parent / "bert-base-uncased" / "vocab.txt"
+    prompts = ["a photo of a cat", "an astronaut riding a horse", "a red cube"]
+    ids, mask = zip(*[bert_ids(vocab_file, p) for p in prompts])
+    ids, mask = torch.stack(ids), torch.stack(mask)
+    tok = ir_model.tokenize(prompts)
+    assert torch.equal(tok["input_ids"], ids) and torch.equal(tok["attention_mask"], mask)  # [CLS] first, 35 long
+    # 224×224 images: preprocessing is mean/std only, so the whole model is compared tightly
+    x = smooth_images(3, 224, 224, seed=11)
+    scores = ir_model(x, prompts)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert torch.equal(scores, ir_model(x, prompts))  # deterministic
+    pixels = ((x - MEAN) / STD).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = hand_imagereward(sd, pixels, ids, mask, vision_heads=1, text_heads=2)
+    torch.testing.assert_close(scores, ref, rtol=1e-4, atol=1e-4)
+    assert scores.std() > 0.05 and not torch.allclose(ir_model(x, prompts[::-1]), scores, atol=1e-3)
+    # other sizes: torchvision's Resize(224, bicubic) + CenterCrop(224) (PIL) as ImageReward does it
+    y = smooth_images(3, 200, 335, seed=12)  # odd crop margin: torchvision rounds the offset
+    ref_pixels = torch.stack([pil_reference(img, rounding="round") for img in y])
+    with torch.no_grad():
+        ref = hand_imagereward(sd, ref_pixels, ids, mask, vision_heads=1, text_heads=2)
+    torch.testing.assert_close(ir_model(y, prompts), ref, rtol=0, atol=0.005)  # PIL uint8 rounding: ~0.002
+    # differentiable through preprocessing and BLIP
+    yg = y.clone().requires_grad_(True)
+    ir_model(yg, prompts).sum().backward()
+    assert torch.isfinite(yg.grad).all() and yg.grad.abs().sum() > 0
+
+
+def test_imagereward_refuses_missing_and_wrong_files(models, tmp_path):
+    good = torch.load(models["ir"], map_location="cpu", weights_only=True)
+    tok = models["ir"].parent / "bert-base-uncased"
+    with pytest.raises(weights.MissingWeightsError) as e:
+        imagereward.ImageRewardModel.from_files(tmp_path / "ImageReward.pt", tok)
+    assert "ImageReward.pt" in str(e.value) and "huggingface.co/THUDM/ImageReward" in str(e.value)
+    with pytest.raises(weights.MissingWeightsError) as e:
+        imagereward.ImageRewardModel.from_files(models["ir"], tmp_path / "bert-base-uncased")
+    assert "bert-base-uncased/" in str(e.value) and "vocab.txt" in str(e.value) and "models/reward_models" in str(e.value)
+
+    def saved(state, name="ImageReward.pt", med=True):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir(exist_ok=True)
+        if med:
+            (d / "med_config.json").write_text((models["ir"].parent / "med_config.json").read_text())
+        torch.save(state, d / name)
+        return d / name
+
+    missing = {k: v for k, v in good.items() if k != "blip.visual_encoder.blocks.1.attn.qkv.weight"}
+    with pytest.raises(weights.BadWeightsError, match="missing.*blocks|layers.1.self_attn.qkv.weight"):
+        imagereward.ImageRewardModel.from_files(saved(missing, "m.pt"), tok)
+    extra = {**good, "blip.visual_encoder.blocks.0.attn.q_norm.weight": torch.ones(64)}
+    with pytest.raises(weights.BadWeightsError, match="unexpected"):
+        imagereward.ImageRewardModel.from_files(saved(extra, "x.pt"), tok)
+    with pytest.raises(weights.BadWeightsError, match="mlp.layers"):
+        imagereward.ImageRewardModel.from_files(saved({"layers.0.weight": torch.zeros(1, 768)}, "a.pt"), tok)
+    torch.save({"mlp.layers.0.weight": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(weights.BadWeightsError, match="weights_only"):
+        imagereward.ImageRewardModel.from_files(tmp_path / "evil.pt", tok)
+    # without med_config.json the published (ViT-L/BERT-base) config is assumed: a tiny file then does not fit
+    with pytest.raises(weights.BadWeightsError, match="med_config.json does not match.*hidden_size 768 vs 32"):
+        imagereward.ImageRewardModel.from_files(saved(good, "n.pt", med=False), tok)
+    # a wrapped {"state_dict": ...} file loads the same
+    wrapped = imagereward.ImageRewardModel.from_files(saved({"state_dict": good}, "w.pt"), tok)
+    x = smooth_images(2, 64, 64, seed=3)
+    ref = imagereward.ImageRewardModel.from_files(models["ir"], tok)
+    assert torch.equal(wrapped(x, ["a cat", "a dog"]), ref(x, ["a cat", "a dog"]))
+    with pytest.raises(RewardInputError, match="2 images but 3 prompts"):
+        ref(x, ["a", "b", "c"])
+
+
 # ---------------------------------------------------------------- diversity
 
 def test_diversity_is_zero_for_copies_higher_for_a_varied_batch_and_needs_two_images(models):
@@ -321,7 +511,8 @@ def test_every_reward_scores_grey_and_single_channel_images(models, pickscore):
 
     rewards = [aesthetic.AestheticReward.from_files(models["l14"], AESTHETIC_HEAD_FILE), pickscore,
                clip_models.ClipScoreReward.from_folder(models["pick"]), diversity.DiversityReward(),
-               hps.HpsReward.from_checkpoint(models["hps"], model_name=TINY_OPENCLIP), JpegReward()]
+               hps.HpsReward.from_checkpoint(models["hps"], model_name=TINY_OPENCLIP), JpegReward(),
+               imagereward.ImageRewardModel.from_files(models["ir"], models["ir"].parent / "bert-base-uncased")]
     grey = torch.full((2, 48, 48, 3), 0.5)
     for r in rewards:
         s = r(grey, ["a grey square"] * 2)

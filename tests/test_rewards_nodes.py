@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import conftest  # noqa: F401  (ComfyUI and the pack as texforce_pack)
-from reward_builders import AESTHETIC_HEAD_FILE, reward_models_folder, tiny_hf_clip
+from reward_builders import AESTHETIC_HEAD_FILE, reward_models_folder, tiny_hf_clip, tiny_imagereward
 
 from texforce_pack.nodes import reward_nodes as rn  # noqa: E402
 from texforce_pack.rewards.base import RewardInputError  # noqa: E402
@@ -20,7 +20,7 @@ AESTHETIC = "aesthetic (LAION, CLIP ViT-L/14)"
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
-    return reward_models_folder(tmp_path_factory.mktemp("rm") / "reward_models")
+    return reward_models_folder(tmp_path_factory.mktemp("rm") / "reward_models", imagereward=True)
 
 
 @pytest.fixture
@@ -49,7 +49,8 @@ def empty_dir(tmp_path, monkeypatch):
 def test_folder_is_registered_and_lists_hf_folders_and_files(reward_dir):
     assert rn.FOLDER in folder_paths.folder_names_and_paths
     entries = rn.list_entries()
-    assert entries == ["PickScore_v1/", "clip-vit-large-patch14/", "sac+logos+ava1-l14-linearMSE.pth"]
+    # the tokenizer folder (no config.json) and med_config.json are not offered as models
+    assert entries == ["PickScore_v1/", "clip-vit-large-patch14/", "ImageReward.pt", "sac+logos+ava1-l14-linearMSE.pth"]
     spec = rn.TexForceRewardModelLoader.define_schema()
     model_input = next(i for i in spec.inputs if i.id == "model")
     assert model_input.options == [rn.AUTO] + entries and spec.category == "TexForce/rewards"
@@ -57,7 +58,8 @@ def test_folder_is_registered_and_lists_hf_folders_and_files(reward_dir):
 
 def test_missing_weights_name_the_file_the_folder_and_the_source(empty_dir):
     for kind, expect in [(AESTHETIC, "sac+logos+ava1-l14-linearMSE.pth"), ("PickScore", "PickScore_v1/"),
-                         ("HPS v2 / v2.1", "HPS_v2.1_compressed.pt"), ("CLIPScore", "clip-vit-large-patch14/")]:
+                         ("HPS v2 / v2.1", "HPS_v2.1_compressed.pt"), ("CLIPScore", "clip-vit-large-patch14/"),
+                         ("ImageReward", "ImageReward.pt")]:
         with pytest.raises(MissingWeightsError) as e:
             rn.TexForceRewardModelLoader.execute(kind, rn.AUTO, rn.AUTO)
         msg = str(e.value)
@@ -68,6 +70,12 @@ def test_missing_weights_name_the_file_the_folder_and_the_source(empty_dir):
     folder_paths.filename_list_cache.pop(rn.FOLDER, None)
     with pytest.raises(MissingWeightsError, match="clip-vit-large-patch14/.*openai/clip-vit-large-patch14"):
         rn.TexForceRewardModelLoader.execute(AESTHETIC, rn.AUTO, rn.AUTO)
+    # ImageReward.pt is there but not the tokenizer folder: the error names bert-base-uncased/ and vocab.txt
+    shutil.copy(tiny_imagereward(empty_dir.parent / "ir_src", seed=5), empty_dir / "ImageReward.pt")
+    folder_paths.filename_list_cache.pop(rn.FOLDER, None)
+    with pytest.raises(MissingWeightsError, match="bert-base-uncased/.*vocab.txt") as e:
+        rn.TexForceRewardModelLoader.execute("ImageReward", rn.AUTO, rn.AUTO)
+    assert "google-bert/bert-base-uncased" in str(e.value) and str(empty_dir) in str(e.value)
     # an HF folder without weights
     (empty_dir / "PickScore_v1").mkdir()
     (empty_dir / "PickScore_v1" / "config.json").write_text("{}")
@@ -93,6 +101,13 @@ def test_loader_caches_by_path_and_mtime_and_uses_comfy_model_management(reward_
     os.utime(cfg, (st.st_atime, st.st_mtime + 5))
     r3 = rn.TexForceRewardModelLoader.execute("PickScore", rn.AUTO).args[0]
     assert r3 is not r1
+    # ImageReward: the .pt, its med_config.json and the tokenizer folder found by their published names
+    with torch.inference_mode():
+        ir = rn.TexForceRewardModelLoader.execute("ImageReward", rn.AUTO, rn.AUTO).args[0]
+        assert rn.TexForceRewardModelLoader.execute("ImageReward", "ImageReward.pt", "bert-base-uncased/").args[0] is ir
+    s_ir = ir(torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(1)), ["a cat", "a dog", "a red cube"])
+    assert ir.name == "imagereward" and s_ir.shape == (3,) and torch.isfinite(s_ir).all()
+    assert any(m.model is ir.patcher for m in mm.current_loaded_models)
     # scoring outside inference mode (as the training loop does) with models loaded inside it
     a = rn.TexForceRewardModelLoader.execute(AESTHETIC, rn.AUTO, rn.AUTO).args[0]
     assert torch.isfinite(a(torch.rand(2, 64, 64, 3), None)).all()
