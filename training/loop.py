@@ -369,7 +369,7 @@ class Trainer:
             columns = torch.rand(total, steps, generator=self.gen_train).argsort(dim=1)[:, :self.K]
             for group in order.split(per_step):
                 mine = group[(group >= offset) & (group < offset + n)]
-                for idx in mine.split(cfg.train_batch_size):
+                for idx in (mine.split(cfg.train_batch_size) if len(mine) else ()):  # (split of [] gives [[]])
                     scale = len(idx) / (per_step * self.K)
                     self.backward_microbatch(batch, idx - offset, columns[idx], scale, info)
                 self._optimizer_step(info)

@@ -1,0 +1,58 @@
+"""Test helper run as a separate process (plain, or under torchrun): the real headless CLI (training/cli.py)
+with a reward from the real registry, plus what the tests need to watch it from outside:
+
+- TRACE_DIR: after every optimizer step, this rank's LoRA parameters are saved as
+  TRACE_DIR/rank<r>_step<n>.pt (the loop's own _optimizer_step is wrapped; nothing else changes);
+- INTERRUPT_AT_CALL: the reward raises KeyboardInterrupt on that call (1-based), as Ctrl-C would;
+- FAIL_RANK / FAIL_AT_CALL: the reward raises RuntimeError on that rank at that call (a rank that dies).
+"""
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # as train.py at the repository root has it
+
+import torch  # noqa: E402
+
+import training.loop as loop  # noqa: E402
+from rewards.registry import build_rewards  # noqa: E402
+from training.cli import main  # noqa: E402
+
+TRACE_DIR = os.environ.get("TRACE_DIR")
+_original_step = loop.Trainer._optimizer_step
+_steps = {"n": 0}
+
+
+def traced_step(self, info):
+    _original_step(self, info)
+    _steps["n"] += 1
+    if TRACE_DIR:
+        params = [p.detach().float().cpu().clone() for p in self.params]
+        torch.save(params, Path(TRACE_DIR) / f"rank{self.dist.rank}_step{_steps['n']}.pt")
+
+
+loop.Trainer._optimizer_step = traced_step
+
+
+def factory(specs, base_dir, device, normalize):
+    reward = build_rewards(specs, base_dir=base_dir, device=device, normalize=normalize)
+    rank = int(os.environ.get("RANK", "0"))
+    interrupt_at = int(os.environ.get("INTERRUPT_AT_CALL", "0"))
+    fail_rank, fail_at = int(os.environ.get("FAIL_RANK", "-1")), int(os.environ.get("FAIL_AT_CALL", "0"))
+    calls = {"n": 0}
+
+    def wrapped(images, prompts):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+        if rank == fail_rank and calls["n"] == fail_at:
+            raise RuntimeError("the reward model ran out of memory (injected by the test)")
+        return reward(images, prompts)
+
+    wrapped.name = getattr(reward, "name", "reward")
+    return wrapped
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], reward_factory=factory))

@@ -1,0 +1,182 @@
+"""The headless trainer end to end: the real CLI in separate processes, alone and under torchrun (gloo, CPU).
+
+- a run writes its LoRA, checkpoint, history and settings; the LoRA loads in ComfyUI's stock LoraLoader and in
+  the pack's loader with the conditioning the diffusers host trained;
+- 2 processes: after every optimizer step the LoRA is identical on both ranks and equal (within fp32
+  tolerance) to one process on the same global batch and seeds;
+- an interrupted 2-process run resumed by the same command ends where an uninterrupted one does;
+- a rank that fails ends the whole run with a clear error instead of a hang.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, pack
+from diffusers_builders import write_tiny_sd1
+from lora_builders import encode
+from test_lora_loading import stock_lora_loader
+
+dhost = importlib.import_module(f"{pack.__name__}.training.hosts.diffusers")
+lora_nodes = importlib.import_module(f"{pack.__name__}.nodes.lora_nodes")
+
+WORKER = REPO / "tests" / "headless_worker.py"
+SETTINGS = ["num_steps=4", "images_per_epoch=8", "images_per_prompt=2", "sample_batch_size=2", "train_batch_size=1",
+            "gradient_accumulation_steps=2", "height=32", "width=32", "lora_rank=4", "lora_alpha=4.0", "lr=0.003",
+            "epochs=2", "timestep_fraction=0.5", "advantage=batch", "seed=3"]
+STEPS_PER_EPOCH = 4  # 8 images / (1 × 2) per optimizer step
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("headless")
+    d = write_tiny_sd1(root, learnable=True)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "source": "test"})
+                                 for p in ["a red apple", "a blue car", "a green tree", "a yellow sun"]) + "\n")
+    return {**d, "prompts": prompts, "root": root}
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", **{k: str(v) for k, v in extra.items()}})
+    return env
+
+
+def run_cli(tiny, out: Path, nproc: int = 1, extra_args=(), timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    args = ["--model", str(tiny["checkpoint"]), "--model-config", str(tiny["config"]), "--prompts", str(tiny["prompts"]),
+            "--output", str(out), "--reward", "jpeg_compressibility", "--name", "tiny_lora",
+            *[a for s in SETTINGS for a in ("--set", s)], *extra_args]
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(WORKER), *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _trace(folder: Path, rank: int) -> list[list[torch.Tensor]]:
+    steps = sorted(folder.glob(f"rank{rank}_step*.pt"), key=lambda p: int(p.stem.split("step")[1]))
+    return [torch.load(p, weights_only=True) for p in steps]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny):
+    out, trace = tiny["root"] / "single", tiny["root"] / "trace_single"
+    trace.mkdir()
+    proc = run_cli(tiny, out, 1, TRACE_DIR=trace)
+    _ok(proc)
+    return {"out": out, "trace": trace, "proc": proc}
+
+
+@pytest.fixture(scope="module")
+def dual_run(tiny):
+    out, trace = tiny["root"] / "dual", tiny["root"] / "trace_dual"
+    trace.mkdir()
+    proc = run_cli(tiny, out, 2, TRACE_DIR=trace)
+    _ok(proc)
+    return {"out": out, "trace": trace, "proc": proc}
+
+
+def test_run_folder_and_history(single_run):
+    out = single_run["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "history.jsonl", "run.yaml", "tiny_lora.safetensors"]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["n_images"] == 8 and h["optimizer_steps"] == STEPS_PER_EPOCH for h in history)
+    assert "epochs: 100%" in single_run["proc"].stderr  # the progress bar ran to the end
+
+
+def test_trained_lora_loads_in_comfyui(tiny, single_run, loras_dir):
+    """The headless file in ComfyUI's stock LoraLoader and in the pack's loader gives the conditioning the
+    diffusers host computes with that LoRA (the hosts agree on the same weights: test_headless_parity)."""
+    path = single_run["out"] / "tiny_lora.safetensors"
+    sd = load_file(str(path))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in sd)
+    (loras_dir / "tiny_lora.safetensors").write_bytes(path.read_bytes())
+
+    host = dhost.DiffusersHost(dhost.load_pipeline(tiny["checkpoint"], config=tiny["config"]), rank=4, alpha=4.0)
+    host.load_lora_state(sd)
+    with torch.no_grad():
+        expected = host.encode(["a red apple"])["cross_attn"]
+        with host.lora_enabled(False):
+            base = host.encode(["a red apple"])["cross_attn"]
+    assert (expected - base).abs().max() > 1e-4  # training moved the LoRA
+
+    _, stock_clip = stock_lora_loader(tiny["clip"], "tiny_lora.safetensors", 1.0)
+    ours = lora_nodes.TexForceLoraLoader.execute(tiny["clip"], lora_1="tiny_lora.safetensors", strength_1=1.0,
+                                                 on_1=True).result[0]
+    for clip in (stock_clip, ours):
+        cond, _ = encode(clip, "a red apple")
+        torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_stay_in_sync_and_match_one(single_run, dual_run):
+    one, r0, r1 = _trace(single_run["trace"], 0), _trace(dual_run["trace"], 0), _trace(dual_run["trace"], 1)
+    assert len(one) == len(r0) == len(r1) == 2 * STEPS_PER_EPOCH
+    initial_moved = False
+    for step, (a, b, c) in enumerate(zip(one, r0, r1), 1):
+        for pa, pb, pc in zip(a, b, c):
+            assert torch.equal(pb, pc), f"ranks differ after step {step}"
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+        initial_moved |= any(float(p.abs().max()) > 0 for p in a[len(a) // 2:])  # LoRA up weights start at 0
+    assert initial_moved
+    # only rank 0 wrote the run folder, and it holds the same LoRA as the single process (within fp32)
+    a, b = load_file(str(single_run["out"] / "tiny_lora.safetensors")), load_file(str(dual_run["out"] / "tiny_lora.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    hist = [json.loads(x) for x in (dual_run["out"] / "history.jsonl").read_text().splitlines()]
+    assert hist[-1]["n_images"] == 8  # the global batch, not one rank's share
+
+
+def test_interrupted_two_process_run_resumes_to_the_same_lora(tiny, dual_run):
+    out = tiny["root"] / "dual_resumed"
+    # 2 reward calls per rank per epoch (4 images each, batches of 2): call 3 is the start of epoch 2
+    first = run_cli(tiny, out, 2, INTERRUPT_AT_CALL=3)
+    assert first.returncode != 0
+    assert "interrupted; the last finished epoch is saved" in first.stderr
+    assert [json.loads(x)["epoch"] for x in (out / "history.jsonl").read_text().splitlines()] == [1]
+    second = run_cli(tiny, out, 2)
+    _ok(second)
+    a, b = load_file(str(dual_run["out"] / "tiny_lora.safetensors")), load_file(str(out / "tiny_lora.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_failing_rank_ends_the_run_with_its_error(tiny):
+    out = tiny["root"] / "dual_failing"
+    t0 = time.monotonic()
+    proc = run_cli(tiny, out, 2, timeout=300, FAIL_RANK=1, FAIL_AT_CALL=3)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 240
+    assert "rank 1: RuntimeError: the reward model ran out of memory (injected by the test)" in proc.stderr
+    # epoch 1 finished on both ranks before the failure: its checkpoint is there to resume from
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_bad_settings_are_clear_errors(tiny, tmp_path):
+    bad_yaml = tmp_path / "run.yaml"
+    bad_yaml.write_text("model: x\nprompts: y\noutput: z\nreward: [{kind: jpeg_compressibility}]\nlearning_rate: 1\n")
+    proc = subprocess.run([sys.executable, str(WORKER), "--config", str(bad_yaml)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "unknown setting(s) learning_rate" in proc.stderr
+    proc = run_cli(tiny, tmp_path / "o", 1, extra_args=["--set", "lr=fast"])
+    assert proc.returncode == 1 and "lr" in proc.stderr
+    proc = run_cli(tiny, tmp_path / "o2", 2, extra_args=["--set", "images_per_epoch=7", "--set", "images_per_prompt=1", "--set", "gradient_accumulation_steps=1", "--set", "sample_batch_size=1"])
+    assert proc.returncode != 0 and "does not split over 2 processes" in proc.stderr
