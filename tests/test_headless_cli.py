@@ -4,6 +4,7 @@
   the pack's loader with the conditioning the diffusers host trained;
 - 2 processes: after every optimizer step the LoRA is identical on both ranks and equal (within fp32
   tolerance) to one process on the same global batch and seeds;
+- `accelerate launch` gives the torchrun result;
 - an interrupted 2-process run resumed by the same command ends where an uninterrupted one does;
 - a rank that fails ends the whole run with a clear error instead of a hang.
 """
@@ -54,12 +55,17 @@ def _env(**extra) -> dict:
     return env
 
 
-def run_cli(tiny, out: Path, nproc: int = 1, extra_args=(), timeout: int = 600, **env) -> subprocess.CompletedProcess:
+def run_cli(tiny, out: Path, nproc: int = 1, extra_args=(), timeout: int = 600, launcher: str = "torchrun",
+            **env) -> subprocess.CompletedProcess:
     args = ["--model", str(tiny["checkpoint"]), "--model-config", str(tiny["config"]), "--prompts", str(tiny["prompts"]),
             "--output", str(out), "--reward", "jpeg_compressibility", "--name", "tiny_lora",
             *[a for s in SETTINGS for a in ("--set", s)], *extra_args]
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *args]
+    elif launcher == "accelerate":  # --multi_gpu is accelerate's multi-process mode; on CPUs it runs gloo ranks
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0",
+               str(WORKER), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(WORKER), *args]
@@ -142,6 +148,14 @@ def test_two_processes_stay_in_sync_and_match_one(single_run, dual_run):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     hist = [json.loads(x) for x in (dual_run["out"] / "history.jsonl").read_text().splitlines()]
     assert hist[-1]["n_images"] == 8  # the global batch, not one rank's share
+
+
+def test_accelerate_launch_gives_the_torchrun_result(tiny, dual_run):
+    out = tiny["root"] / "dual_accelerate"
+    _ok(run_cli(tiny, out, 2, launcher="accelerate"))
+    a, b = load_file(str(dual_run["out"] / "tiny_lora.safetensors")), load_file(str(out / "tiny_lora.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_interrupted_two_process_run_resumes_to_the_same_lora(tiny, dual_run):

@@ -236,7 +236,8 @@ def run(settings: RunSettings, reward_factory: RewardFactory, dist: SingleProces
     if dist.is_main and not lora_path.exists():  # the run was already complete: write its LoRA once
         save_kohya(parse_state_dict(host.lora_state(), source=settings.name), lora_path, family=host.family,
                    metadata={**meta, "epoch": trainer.epoch})
-    log.info("done: %d epochs in %.1fs; LoRA %s", trainer.epoch, time.time() - t0, lora_path)
+    if dist.is_main:
+        log.info("done: %d epochs in %.1fs; LoRA %s", trainer.epoch, time.time() - t0, lora_path)
     return trainer.history
 
 
