@@ -194,3 +194,15 @@ def test_bad_settings_are_clear_errors(tiny, tmp_path):
     assert proc.returncode == 1 and "lr" in proc.stderr
     proc = run_cli(tiny, tmp_path / "o2", 2, extra_args=["--set", "images_per_epoch=7", "--set", "images_per_prompt=1", "--set", "gradient_accumulation_steps=1", "--set", "sample_batch_size=1"])
     assert proc.returncode != 0 and "does not split over 2 processes" in proc.stderr
+
+
+def test_example_config_is_valid():
+    """examples/headless_run.yaml (shown in the README) parses, its training settings and reward kinds exist."""
+    cli = importlib.import_module(f"{pack.__name__}.training.cli")
+    config = importlib.import_module(f"{pack.__name__}.training.config")
+    registry = importlib.import_module(f"{pack.__name__}.rewards.registry")
+    settings = cli.load_settings(cli.parse_args(["--config", str(REPO / "examples" / "headless_run.yaml")]))
+    cfg = config.make_config(settings.preset, **settings.train)
+    assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 16
+    assert all(r["kind"] in registry.BUILDERS for r in settings.reward)
+    assert settings.base_dir == REPO / "examples" and settings.path(settings.prompts) == REPO / "examples" / "prompts.txt"
