@@ -24,6 +24,7 @@ import folder_paths
 from ..rewards import weights as published
 from ..rewards.aesthetic import AestheticReward
 from ..rewards.clip_models import ClipImageEncoder, ClipScoreReward, PickScoreReward
+from ..rewards.detectors import FaceReward, HandReward
 from ..rewards.diversity import DiversityReward
 from ..rewards.hps import HpsReward
 from ..rewards.imagereward import ImageRewardModel
@@ -130,7 +131,10 @@ KINDS = {
     "HPS v2 / v2.1": "hps",
     "CLIPScore": "clipscore",
     "ImageReward": "imagereward",
+    "face (YuNet detection confidence)": "face",
+    "hand (OWL-ViT / OWLv2 detection confidence)": "hand",
 }
+HAND_FALLBACK = "owlvit-base-patch32/"  # OWL-ViT v1, used by 'auto' when the OWLv2 folder is not there
 
 
 def load_reward(kind: str, model: str = AUTO, clip_model: str = AUTO) -> ManagedReward:
@@ -164,6 +168,22 @@ def load_reward(kind: str, model: str = AUTO, clip_model: str = AUTO) -> Managed
         med = path.parent / "med_config.json"
         return cached(("imagereward",), [path, tokenizer] + ([med] if med.is_file() else []),
                       lambda: ImageRewardModel.from_files(path, tokenizer))
+    if kind == "face":
+        path = resolve(model, published.FACE_YUNET)
+        return cached(("face",), [path], lambda: FaceReward.from_file(path))
+    if kind == "hand":
+        if model in (AUTO, "", None):
+            try:
+                path = resolve(AUTO, published.HAND_OWL)
+            except published.MissingWeightsError:
+                try:
+                    path = resolve(HAND_FALLBACK, published.HAND_OWL)
+                except published.MissingWeightsError:
+                    raise published.MissingWeightsError(published.HAND_OWL, _looked_in(published.HAND_OWL.name),
+                                                        f"OWL-ViT ({HAND_FALLBACK}) works too.") from None
+        else:
+            path = resolve(model, published.HAND_OWL)
+        return cached(("hand",), [path], lambda: HandReward.from_folder(path))
     raise ValueError(f"unknown reward model kind {kind!r}; choose one of {sorted(KINDS)}")
 
 
@@ -200,15 +220,18 @@ class TexForceRewardModelLoader(io.ComfyNode):
             display_name="TexForce Reward Model Loader",
             category="TexForce/rewards",
             description="A learned reward from models/reward_models/: LAION aesthetic (~1–10), PickScore (~18–23), "
-                        "HPS v2/v2.1 (~0.2–0.35), CLIPScore (100·max(cos,0)) or ImageReward (~−2..2). Loaded "
-                        "once and cached; runs on ComfyUI's device.",
+                        "HPS v2/v2.1 (~0.2–0.35), CLIPScore (100·max(cos,0)), ImageReward (~−2..2), or the face / "
+                        "hand rewards of TexForce's applications (best detection confidence in the image, 0..1). "
+                        "Loaded once and cached; runs on ComfyUI's device.",
             inputs=[
                 io.Combo.Input("kind", options=list(KINDS), default=list(KINDS)[0],
                                tooltip="Which reward model. The published file names (used by 'auto'): aesthetic: "
                                        "sac+logos+ava1-l14-linearMSE.pth + clip-vit-large-patch14/; PickScore: "
                                        "PickScore_v1/; HPS: HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt); "
                                        "CLIPScore: clip-vit-large-patch14/ (any CLIP folder); ImageReward: "
-                                       "ImageReward.pt (+ its med_config.json beside it) and bert-base-uncased/."),
+                                       "ImageReward.pt (+ its med_config.json beside it) and bert-base-uncased/; "
+                                       "face: yunet_final.pth (kornia's YuNet); hand: owlv2-base-patch16-ensemble/ "
+                                       "(or owlvit-base-patch32/)."),
                 io.Combo.Input("model", options=entries, default=AUTO,
                                tooltip="The weights: a file, or a Hugging Face folder (name ending in '/'). "
                                        "For aesthetic this is the MLP head file."),

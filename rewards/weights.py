@@ -53,6 +53,14 @@ IMAGEREWARD_TOKENIZER = Published(
     "BERT tokenizer for ImageReward", "bert-base-uncased/", "huggingface.co/google-bert/bert-base-uncased",
     contents="vocab.txt and tokenizer_config.json; the model weights are not needed")
 
+FACE_YUNET = Published(
+    "YuNet face detector (face reward)", "yunet_final.pth",
+    "github.com/kornia/data/raw/main/yunet_final.pth (also huggingface.co/kornia/yunet)")
+HAND_OWL = Published(
+    "OWL-ViT / OWLv2 detector (hand reward)", "owlv2-base-patch16-ensemble/",
+    "huggingface.co/google/owlv2-base-patch16-ensemble (or google/owlvit-base-patch32)",
+    contents="config.json, model weights, preprocessor_config.json and tokenizer files")
+
 
 class MissingWeightsError(FileNotFoundError):
     """A reward model's weights are not where they should be; the message says what to put where."""

@@ -80,7 +80,7 @@ def tiny_hps_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def reward_models_folder(root: Path, hps: bool = False, imagereward: bool = False) -> Path:
+def reward_models_folder(root: Path, hps: bool = False, imagereward: bool = False, detectors: bool = False) -> Path:
     """A models/reward_models folder as a user would fill it (published names)."""
     root.mkdir(parents=True, exist_ok=True)
     tiny_hf_clip(root / "clip-vit-large-patch14", seed=1, projection_dim=768)
@@ -90,6 +90,9 @@ def reward_models_folder(root: Path, hps: bool = False, imagereward: bool = Fals
         tiny_hps_checkpoint(root / "HPS_v2.1_compressed.pt", seed=3)
     if imagereward:  # ImageReward.pt + med_config.json + bert-base-uncased/ in the folder itself
         tiny_imagereward(root, seed=4)
+    if detectors:  # face and hand rewards
+        tiny_yunet(root / "yunet_final.pth", seed=5)
+        tiny_owl(root / "owlv2-base-patch16-ensemble", v2=True, seed=6)
     return root
 
 
@@ -193,3 +196,60 @@ def tiny_imagereward(folder: Path, seed: int = 0, text_heads: int = 2) -> Path:
     path = folder / "ImageReward.pt"
     torch.save(state, path)
     return path
+
+
+# ---------------------------------------------------------------- face (YuNet) and hand (OWL-ViT / OWLv2)
+
+def tiny_yunet(path: Path, seed: int = 0) -> Path:
+    """`yunet_final.pth` layout: kornia's YuNet state dict (the real file is this 87k-parameter model), random
+    weights with BatchNorm statistics spread so that scores differ between images."""
+    from kornia.contrib.face_detection import YuNet
+
+    torch.manual_seed(seed)
+    model = YuNet("train", pretrained=False)  # "train" runs the reference initialisation
+    # calibrate the BatchNorm statistics on random BGR 0..255 images, so activations stay in range and the
+    # scores depend on the image (with the initial statistics the signal dies out before the heads)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.rand(4, 3, 128, 128, generator=g) * 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def tiny_owl(folder: Path, v2: bool = False, seed: int = 0, image_size: int = 96) -> Path:
+    """An OWL-ViT (or OWLv2) detection folder: save_pretrained of a 2-layer model + its processor files, with the
+    real CLIP BPE vocabulary that ships with ComfyUI (the published folders use the same tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    if v2:
+        from transformers import Owlv2Config as Config, Owlv2ForObjectDetection as Model
+        from transformers import Owlv2ImageProcessor as ImageProcessor
+    else:
+        from transformers import OwlViTConfig as Config, OwlViTForObjectDetection as Model
+        from transformers import OwlViTImageProcessor as ImageProcessor
+    cfg = Config(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=16),
+        projection_dim=32)  # the class head needs projection_dim == text width, as in the published configs
+    torch.manual_seed(seed)
+    model = Model(cfg).eval()
+    with torch.no_grad():  # random heads give logits of ±50; scale them so box probabilities spread over 0..1
+        model.class_head.logit_scale.weight.mul_(0.02)
+        model.class_head.logit_scale.bias.fill_(-0.5)
+        model.class_head.logit_shift.bias.fill_(-12.0 if not v2 else 0.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    size = {"height": image_size, "width": image_size}
+    proc = ImageProcessor(size=size) if v2 else ImageProcessor(size=size, crop_size=size)
+    proc.save_pretrained(str(folder))
+    tok_dir = COMFY_DIR / "comfy" / "sd1_tokenizer"
+    CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="!").save_pretrained(str(folder))
+    return folder

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import conftest  # noqa: F401  (ComfyUI and the pack as texforce_pack)
-from reward_builders import AESTHETIC_HEAD_FILE, TINY_OPENCLIP, tiny_hf_clip, tiny_hps_checkpoint, tiny_imagereward
+from reward_builders import (AESTHETIC_HEAD_FILE, TINY_OPENCLIP, tiny_hf_clip, tiny_hps_checkpoint, tiny_imagereward,
+                             tiny_owl, tiny_yunet)
 
-from texforce_pack.rewards import aesthetic, clip_models, diversity, hps, imagereward, mix, preprocess, weights  # noqa: E402
+from texforce_pack.rewards import (aesthetic, clip_models, detectors, diversity, hps, imagereward, mix,  # noqa: E402
+                                   preprocess, weights)
 from texforce_pack.rewards.base import RewardInputError  # noqa: E402
 
 MEAN, STD = torch.tensor(preprocess.CLIP_MEAN), torch.tensor(preprocess.CLIP_STD)
@@ -48,7 +50,9 @@ def models(tmp_path_factory):
            "pick": tiny_hf_clip(root / "PickScore_v1", seed=2, logit_scale=4.6052),
            "clip": tiny_hf_clip(root / "clip-any", seed=3),  # seed 3: cosines of both signs for the clamp
            "hps": tiny_hps_checkpoint(root / "HPS_v2.1_compressed.pt", seed=3),
-           "ir": tiny_imagereward(root / "imagereward", seed=4), "root": root}
+           "ir": tiny_imagereward(root / "imagereward", seed=4), "yunet": tiny_yunet(root / "yunet_final.pth", seed=5),
+           "owl": tiny_owl(root / "owlvit-base-patch32", seed=6),
+           "owl2": tiny_owl(root / "owlv2-base-patch16-ensemble", v2=True, seed=7), "root": root}
     return out
 
 
@@ -424,6 +428,86 @@ def test_imagereward_refuses_missing_and_wrong_files(models, tmp_path):
         ref(x, ["a", "b", "c"])
 
 
+# ---------------------------------------------------------------- face (YuNet) and hand (OWL-ViT / OWLv2)
+
+def kornia_face_detector(state: dict, monkeypatch):
+    """kornia's own FaceDetector (decode, threshold, NMS) with the given YuNet weights instead of its download."""
+    import sys
+
+    from kornia.contrib import FaceDetector
+    from kornia.contrib.face_detection import YuNet
+
+    monkeypatch.setattr(sys.modules[YuNet.__module__], "load_state_dict_from_url", lambda *a, **k: state)
+    return FaceDetector(confidence_threshold=0.0).eval()
+
+
+def test_face_reward_is_the_best_kornia_face_detection_score(models, monkeypatch):
+    reward = detectors.FaceReward.from_file(models["yunet"])
+    x = torch.rand(3, 200, 300, 3, generator=torch.Generator().manual_seed(0))
+    scores = reward(x, ["a face"] * 3)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert torch.equal(scores, reward(x)) and ((scores >= 0) & (scores <= 1)).all() and scores.std() > 0.01
+    det = kornia_face_detector(torch.load(models["yunet"], weights_only=True), monkeypatch)
+    assert detectors.yunet_size(200, 300, 640) == (448, 640)  # long side 640, sides multiples of 64
+    with torch.no_grad():
+        # same resized input: the reward is kornia's top detection score (RGB 0..255 in, flipped to BGR inside)
+        same = [float(det(reward.bgr_input(img).flip(1))[0][:, -1].max()) for img in x]
+        torch.testing.assert_close(scores, torch.tensor(same), rtol=1e-5, atol=1e-5)
+        # resized by PIL instead (bilinear): within PIL's 8-bit rounding
+        pil = [Image.fromarray((img.numpy() * 255).round().astype(np.uint8)).resize((640, 448), Image.BILINEAR)
+               for img in x]
+        ref = [float(det(torch.from_numpy(np.array(p)).permute(2, 0, 1)[None].float())[0][:, -1].max())
+               for p in pil]
+    torch.testing.assert_close(scores, torch.tensor(ref), rtol=0, atol=0.02)
+    # different sizes per image
+    assert reward([x[0], x[1, :120, :90]]).shape == (2,)
+
+
+def test_face_reward_refuses_missing_and_wrong_files(tmp_path):
+    with pytest.raises(weights.MissingWeightsError) as e:
+        detectors.FaceReward.from_file(tmp_path / "yunet_final.pth")
+    assert "yunet_final.pth" in str(e.value) and "kornia/data" in str(e.value)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(weights.BadWeightsError, match="not YuNet"):
+        detectors.FaceReward.from_file(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("key,v2", [("owl", False), ("owl2", True)])
+def test_hand_reward_is_the_best_box_probability_of_the_transformers_reference(models, key, v2):
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    reward = detectors.HandReward.from_folder(models[key])
+    assert reward.pad_square is v2 and reward.size == 96
+    x = smooth_images(3, 120, 200, seed=21)
+    scores = reward(x, ["p"] * 3)
+    assert scores.shape == (3,) and torch.isfinite(scores).all() and torch.equal(scores, reward(x))
+    assert ((scores > 0) & (scores < 1)).all() and scores.std() > 1e-3
+    # reference: the folder's own processor (PIL) and detector; post-processing = max sigmoid over boxes
+    processor = AutoProcessor.from_pretrained(str(models[key]))
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(str(models[key])).eval()
+    if not v2:
+        images, extra = [Image.fromarray((img.numpy() * 255).round().astype(np.uint8)) for img in x], {}
+    else:  # OWLv2's authors pad to a square with grey 0.5 at the bottom/right before resizing (transformers 5's
+        # processor pads with 0.0 instead): give it the image already padded that way, as floats in 0..1
+        images = [np.pad(img.numpy(), ((0, 80), (0, 0), (0, 0)), constant_values=0.5) for img in x]
+        extra = {"do_rescale": False}
+    inputs = processor(text=[[detectors.HAND_QUERY]] * 3, images=images, return_tensors="pt", **extra)
+    n_tok = int(reward.attention_mask.sum())
+    assert reward.input_ids.shape == (1, 16) and torch.equal(inputs["input_ids"][0, :n_tok], reward.input_ids[0, :n_tok])
+    with torch.no_grad():
+        ref = torch.sigmoid(model(**inputs).logits[..., 0]).amax(-1)
+        d_pix = (torch.cat([reward.pixels(img) for img in x]) - inputs["pixel_values"]).abs()
+    assert d_pix.mean() < 0.01, d_pix.mean()  # measured: 0.004 (PIL bicubic), 0.0015 (skimage-style resize)
+    torch.testing.assert_close(scores, ref, rtol=0, atol=0.02)  # measured: ≤ 0.007
+
+
+def test_hand_reward_refuses_other_models(models):
+    with pytest.raises(weights.BadWeightsError, match="not OWL-ViT"):
+        detectors.HandReward.from_folder(models["pick"])
+    with pytest.raises(weights.MissingWeightsError, match="owlv2-base-patch16-ensemble/.*google/owlv2"):
+        detectors.HandReward.from_folder(models["root"] / "nothing-here")
+
+
 # ---------------------------------------------------------------- diversity
 
 def test_diversity_is_zero_for_copies_higher_for_a_varied_batch_and_needs_two_images(models):
@@ -512,7 +596,8 @@ def test_every_reward_scores_grey_and_single_channel_images(models, pickscore):
     rewards = [aesthetic.AestheticReward.from_files(models["l14"], AESTHETIC_HEAD_FILE), pickscore,
                clip_models.ClipScoreReward.from_folder(models["pick"]), diversity.DiversityReward(),
                hps.HpsReward.from_checkpoint(models["hps"], model_name=TINY_OPENCLIP), JpegReward(),
-               imagereward.ImageRewardModel.from_files(models["ir"], models["ir"].parent / "bert-base-uncased")]
+               imagereward.ImageRewardModel.from_files(models["ir"], models["ir"].parent / "bert-base-uncased"),
+               detectors.FaceReward.from_file(models["yunet"]), detectors.HandReward.from_folder(models["owl2"])]
     grey = torch.full((2, 48, 48, 3), 0.5)
     for r in rewards:
         s = r(grey, ["a grey square"] * 2)

@@ -20,7 +20,7 @@ AESTHETIC = "aesthetic (LAION, CLIP ViT-L/14)"
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
-    return reward_models_folder(tmp_path_factory.mktemp("rm") / "reward_models", imagereward=True)
+    return reward_models_folder(tmp_path_factory.mktemp("rm") / "reward_models", imagereward=True, detectors=True)
 
 
 @pytest.fixture
@@ -50,7 +50,8 @@ def test_folder_is_registered_and_lists_hf_folders_and_files(reward_dir):
     assert rn.FOLDER in folder_paths.folder_names_and_paths
     entries = rn.list_entries()
     # the tokenizer folder (no config.json) and med_config.json are not offered as models
-    assert entries == ["PickScore_v1/", "clip-vit-large-patch14/", "ImageReward.pt", "sac+logos+ava1-l14-linearMSE.pth"]
+    assert entries == ["PickScore_v1/", "clip-vit-large-patch14/", "owlv2-base-patch16-ensemble/", "ImageReward.pt",
+                       "sac+logos+ava1-l14-linearMSE.pth", "yunet_final.pth"]
     spec = rn.TexForceRewardModelLoader.define_schema()
     model_input = next(i for i in spec.inputs if i.id == "model")
     assert model_input.options == [rn.AUTO] + entries and spec.category == "TexForce/rewards"
@@ -59,7 +60,8 @@ def test_folder_is_registered_and_lists_hf_folders_and_files(reward_dir):
 def test_missing_weights_name_the_file_the_folder_and_the_source(empty_dir):
     for kind, expect in [(AESTHETIC, "sac+logos+ava1-l14-linearMSE.pth"), ("PickScore", "PickScore_v1/"),
                          ("HPS v2 / v2.1", "HPS_v2.1_compressed.pt"), ("CLIPScore", "clip-vit-large-patch14/"),
-                         ("ImageReward", "ImageReward.pt")]:
+                         ("ImageReward", "ImageReward.pt"), ("face (YuNet detection confidence)", "yunet_final.pth"),
+                         ("hand (OWL-ViT / OWLv2 detection confidence)", "owlv2-base-patch16-ensemble/")]:
         with pytest.raises(MissingWeightsError) as e:
             rn.TexForceRewardModelLoader.execute(kind, rn.AUTO, rn.AUTO)
         msg = str(e.value)
@@ -108,6 +110,14 @@ def test_loader_caches_by_path_and_mtime_and_uses_comfy_model_management(reward_
     s_ir = ir(torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(1)), ["a cat", "a dog", "a red cube"])
     assert ir.name == "imagereward" and s_ir.shape == (3,) and torch.isfinite(s_ir).all()
     assert any(m.model is ir.patcher for m in mm.current_loaded_models)
+    # face and hand rewards by their published names; both ignore prompts
+    images = torch.rand(2, 80, 96, 3, generator=torch.Generator().manual_seed(2))
+    for kind, name in [("face (YuNet detection confidence)", "face"), ("hand (OWL-ViT / OWLv2 detection confidence)",
+                                                                     "hand")]:
+        with torch.inference_mode():
+            r = rn.TexForceRewardModelLoader.execute(kind, rn.AUTO, rn.AUTO).args[0]
+        s = r(images, ["a", "b"])
+        assert r.name == name and s.shape == (2,) and ((s >= 0) & (s <= 1)).all() and torch.equal(s, r(images))
     # scoring outside inference mode (as the training loop does) with models loaded inside it
     a = rn.TexForceRewardModelLoader.execute(AESTHETIC, rn.AUTO, rn.AUTO).args[0]
     assert torch.isfinite(a(torch.rand(2, 64, 64, 3), None)).all()
