@@ -206,3 +206,44 @@ def test_example_config_is_valid():
     assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 16
     assert all(r["kind"] in registry.BUILDERS for r in settings.reward)
     assert settings.base_dir == REPO / "examples" and settings.path(settings.prompts) == REPO / "examples" / "prompts.txt"
+
+
+def test_sigterm_keeps_the_last_finished_epoch(tiny, tmp_path):
+    """torchrun/accelerate stop workers with SIGTERM (Ctrl-C sends SIGINT): both end the run cleanly with the
+    last finished epoch on disk, resumable."""
+    import signal
+
+    out = tmp_path / "stopped"
+    args = ["--model", str(tiny["checkpoint"]), "--model-config", str(tiny["config"]), "--prompts", str(tiny["prompts"]),
+            "--output", str(out), "--reward", "jpeg_compressibility", *[a for s in SETTINGS for a in ("--set", s)],
+            "--set", "epochs=200"]
+    proc = subprocess.Popen([sys.executable, str(WORKER), *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "history.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; the last finished epoch is saved" in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
+
+
+def test_half_precision_model_trains_an_fp32_lora(tiny):
+    pipe = dhost.load_pipeline(tiny["checkpoint"], config=tiny["config"], dtype=torch.bfloat16)
+    host = dhost.DiffusersHost(pipe, rank=4, alpha=4.0)
+    assert pipe.unet.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in host.trainable_parameters())
+    with host.training():
+        cond = host.encode(["a red apple"])["cross_attn"]
+        with host.predictor(host.encode(["a red apple"]), host.encode([""]), 5.0) as predict:
+            eps = predict(torch.randn(1, 4, 4, 4), torch.tensor([500]))
+        (eps.square().mean() + cond.square().mean()).backward()
+    grads = [p.grad for p in host.trainable_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert eps.dtype == torch.float32 and any(float(g.abs().max()) > 0 for g in grads)

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -251,6 +252,10 @@ def _progress(total: int, dist):
     return tqdm(total=total, desc="epochs", unit="epoch", dynamic_ncols=True, file=sys.stderr)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None, reward_factory: RewardFactory | None = None) -> int:
     """Exit status: 0 done, 1 error (the message says what to do), 130 interrupted (run the same command
     again to resume from the last finished epoch)."""
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None, reward_factory: RewardFactory | None = N
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if reward_factory is None:
         raise ValueError("main() needs a reward_factory (train.py passes rewards.registry.build_rewards)")
+    # torchrun and accelerate stop workers with SIGTERM: treat it like Ctrl-C (last finished epoch kept)
+    signal.signal(signal.SIGTERM, _interrupt)
     dist = init_from_env(getattr(args, "backend", None))
     prefix = f"rank {dist.rank}: " if dist.world_size > 1 else ""
     try:
