@@ -157,6 +157,9 @@ class DiffusersHost:
                            f"text_model.encoder.layers.{m.group(1)}.self_attn.{m.group(2)}_proj")
                     self._layers[key] = module
                     shapes[key] = tuple(module.base_layer.weight.shape)
+                    # fp32 LoRA on an fp16/bf16 model (peft casts the input to the adapter's dtype)
+                    module.lora_A[ADAPTER].float()
+                    module.lora_B[ADAPTER].float()
         # The seeded initialisation of the ComfyUI host, so both hosts start from the same LoRA.
         self._staging = TrainableLora(shapes, rank=rank, alpha=alpha, seed=seed)
         self._push(self._staging)
