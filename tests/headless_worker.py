@@ -35,23 +35,42 @@ def traced_step(self, info):
 loop.Trainer._optimizer_step = traced_step
 
 
-def factory(specs, base_dir, device, normalize):
-    reward = build_rewards(specs, base_dir=base_dir, device=device, normalize=normalize)
-    rank = int(os.environ.get("RANK", "0"))
-    interrupt_at = int(os.environ.get("INTERRUPT_AT_CALL", "0"))
-    fail_rank, fail_at = int(os.environ.get("FAIL_RANK", "-1")), int(os.environ.get("FAIL_AT_CALL", "0"))
-    calls = {"n": 0}
+class InjectedFaults:
+    """The real reward, with the faults the environment asks for injected at its n-th scoring call. Everything
+    else (a mix's score_components / combine / state_dict) is the real reward's own."""
 
-    def wrapped(images, prompts):
-        calls["n"] += 1
-        if calls["n"] == interrupt_at:
+    def __init__(self, reward):
+        self.reward = reward
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.interrupt_at = int(os.environ.get("INTERRUPT_AT_CALL", "0"))
+        self.fail_rank, self.fail_at = int(os.environ.get("FAIL_RANK", "-1")), int(os.environ.get("FAIL_AT_CALL", "0"))
+        self.calls = 0
+        if hasattr(reward, "score_components"):  # a mix: the trainer scores components, then combines the epoch
+            self.score_components = self._score_components
+
+    def _count(self) -> None:
+        self.calls += 1
+        if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
-        if rank == fail_rank and calls["n"] == fail_at:
+        if self.rank == self.fail_rank and self.calls == self.fail_at:
             raise RuntimeError("the reward model ran out of memory (injected by the test)")
-        return reward(images, prompts)
 
-    wrapped.name = getattr(reward, "name", "reward")
-    return wrapped
+    def __call__(self, images, prompts):
+        self._count()
+        return self.reward(images, prompts)
+
+    def _score_components(self, images, prompts):
+        self._count()
+        return self.reward.score_components(images, prompts)
+
+    def __getattr__(self, name):  # name, combine, state_dict, load_state_dict: the real reward's
+        if name in ("reward", "score_components"):
+            raise AttributeError(name)
+        return getattr(self.reward, name)
+
+
+def factory(specs, base_dir, device, normalize):
+    return InjectedFaults(build_rewards(specs, base_dir=base_dir, device=device, normalize=normalize))
 
 
 if __name__ == "__main__":

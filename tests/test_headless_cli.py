@@ -1,6 +1,6 @@
 """The headless trainer end to end: the real CLI in separate processes, alone and under torchrun (gloo, CPU).
 
-- a run writes its LoRA, checkpoint, history and settings; the LoRA loads in ComfyUI's stock LoraLoader and in
+- a run (a normalised mix of JPEG compressibility and batch diversity) writes its LoRA, checkpoint, history and settings; the LoRA loads in ComfyUI's stock LoraLoader and in
   the pack's loader with the conditioning the diffusers host trained;
 - 2 processes: after every optimizer step the LoRA is identical on both ranks and equal (within fp32
   tolerance) to one process on the same global batch and seeds;
@@ -35,6 +35,9 @@ SETTINGS = ["num_steps=4", "images_per_epoch=8", "images_per_prompt=2", "sample_
             "gradient_accumulation_steps=2", "height=32", "width=32", "lora_rank=4", "lora_alpha=4.0", "lr=0.003",
             "epochs=2", "timestep_fraction=0.5", "advantage=batch", "seed=3"]
 STEPS_PER_EPOCH = 4  # 8 images / (1 × 2) per optimizer step
+# A normalised mix with a batch-level reward: the mix's statistics must see the whole epoch on every rank, and
+# diversity the same sampling batches (a rank's share, 4, is a multiple of sample_batch_size, 2).
+REWARD = ["--reward", "jpeg_compressibility:1", "--reward", "diversity:0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def _env(**extra) -> dict:
 def run_cli(tiny, out: Path, nproc: int = 1, extra_args=(), timeout: int = 600, launcher: str = "torchrun",
             **env) -> subprocess.CompletedProcess:
     args = ["--model", str(tiny["checkpoint"]), "--model-config", str(tiny["config"]), "--prompts", str(tiny["prompts"]),
-            "--output", str(out), "--reward", "jpeg_compressibility", "--name", "tiny_lora",
+            "--output", str(out), *REWARD, "--name", "tiny_lora",
             *[a for s in SETTINGS for a in ("--set", s)], *extra_args]
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *args]
