@@ -168,6 +168,11 @@ def tiny_unet(family: str = "sd1", seed: int = 0, text_controls_image: bool = Fa
     model_type = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
     model = model_class(cfg, model_type=model_type, device=torch.device("cpu"))
     base = init_fan_in(model, seed, output_gain=output_gain) if text_controls_image else init_weights(model, seed)
+    if family == "sdxl" and text_controls_image:
+        # The pooled output is 48 of the label embedding's 1584 inputs: ×10 on its columns, as for cross-attention,
+        # so that CLIP-G's pooled output visibly steers the image.
+        with torch.no_grad():
+            base.diffusion_model.label_emb[0][0].weight[:, :SDXL_ADM_CHANNELS - 6 * 256] *= 10.0
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
