@@ -42,6 +42,22 @@ def _hps(spec, base):
     return HpsReward.from_checkpoint(_path(spec, "path", base, "hps"))
 
 
+def _imagereward(spec, base):
+    from .imagereward import ImageRewardModel
+    return ImageRewardModel.from_files(_path(spec, "path", base, "imagereward"),
+                                       _path(spec, "tokenizer", base, "imagereward"))
+
+
+def _face(spec, base):
+    from .detectors import FaceReward
+    return FaceReward.from_file(_path(spec, "path", base, "face"))
+
+
+def _hand(spec, base):
+    from .detectors import HandReward
+    return HandReward.from_folder(_path(spec, "path", base, "hand"))
+
+
 def _diversity(spec, base):
     from .diversity import DiversityReward
     if spec.get("clip"):
@@ -57,6 +73,9 @@ BUILDERS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
     "pickscore": _pickscore,
     "clipscore": _clipscore,
     "hps": _hps,
+    "imagereward": _imagereward,  # path: ImageReward.pt, tokenizer: a bert-base-uncased folder
+    "face": _face,  # path: kornia YuNet yunet_final.pth
+    "hand": _hand,  # path: an OWL-ViT / OWLv2 folder
     "diversity": _diversity,
 }
 KEYS = {"kind", "path", "clip", "weight", "quality", "tokenizer"}
