@@ -84,22 +84,22 @@ def _trace(folder: Path, rank: int) -> list[list[torch.Tensor]]:
     return [torch.load(p, weights_only=True) for p in steps]
 
 
-@pytest.fixture(scope="module")
-def single_run(tiny):
-    out, trace = tiny["root"] / "single", tiny["root"] / "trace_single"
+def _traced_run(tiny, name: str, nproc: int) -> dict:
+    out, trace = tiny["root"] / name, tiny["root"] / f"trace_{name}"
     trace.mkdir()
-    proc = run_cli(tiny, out, 1, TRACE_DIR=trace)
+    proc = run_cli(tiny, out, nproc, TRACE_DIR=trace)
     _ok(proc)
     return {"out": out, "trace": trace, "proc": proc}
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny):
+    return _traced_run(tiny, "single", 1)
 
 
 @pytest.fixture(scope="module")
 def dual_run(tiny):
-    out, trace = tiny["root"] / "dual", tiny["root"] / "trace_dual"
-    trace.mkdir()
-    proc = run_cli(tiny, out, 2, TRACE_DIR=trace)
-    _ok(proc)
-    return {"out": out, "trace": trace, "proc": proc}
+    return _traced_run(tiny, "dual", 2)
 
 
 def test_run_folder_and_history(single_run):
