@@ -11,16 +11,17 @@ from comfy_server import ComfyError
 from conftest import pack
 
 
-def train_prompt(name: str, epochs: int, images: int = 4, resume: bool = True, steps: int = 3) -> dict:
+def train_prompt(name: str, epochs: int, images: int = 4, resume: bool = True, steps: int = 3, family: str = "sd1",
+                 **extra) -> dict:
     return {
-        "1": {"class_type": "TexForceTestTinyCheckpoint", "inputs": {"family": "sd1", "seed": 0}},
+        "1": {"class_type": "TexForceTestTinyCheckpoint", "inputs": {"family": family, "seed": 0}},
         "2": {"class_type": "TexForceJPEGReward", "inputs": {"mode": "compressibility", "quality": 95}},
         "3": {"class_type": "TexForceTrain", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
             "prompts": "a photo of a cat\na photo of a dog", "preset": "texforce", "epochs": epochs,
             "images_per_epoch": images, "images_per_prompt": 2, "batch_size": 2, "width": 64, "height": 64,
             "steps": steps, "guidance": 5.0, "eta": 1.0, "learning_rate": 3e-4, "lora_rank": 4, "kl_weight": -1.0,
-            "advantage": "batch", "seed": 0, "lora_name": name, "resume": resume}},
+            "advantage": "batch", "seed": 0, "lora_name": name, "resume": resume, **extra}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": f"{name}_curve"}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["3", 3], "filename_prefix": f"{name}_samples"}},
     }
@@ -69,3 +70,33 @@ def test_cancel_keeps_the_last_finished_epoch_loadable_and_resumable(server):
     entry = server.run(train_prompt("srv_cancel", epochs=done + 1, images=8, steps=5), timeout=300)
     assert entry["status"]["status_str"] == "success"
     assert [h["epoch"] for h in history_lines(server, "srv_cancel")] == list(range(1, done + 2))
+
+
+def test_sdxl_trains_clip_g_only_and_writes_a_te2_file(server):
+    """One short epoch on the tiny SDXL checkpoint with text_encoders = clip_g: the file holds lora_te2_ keys only,
+    q/k/v/out of every CLIP-G layer; resuming it with another choice or another family is refused."""
+    entry = server.run(train_prompt("srv_xl_te2", epochs=1, steps=2, family="sdxl", text_encoders="clip_g"),
+                       timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    path = server.base / "models" / "loras" / "texforce" / "srv_xl_te2.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    layers = 4  # tiny CLIP-G
+    assert keys == {f"lora_te2_text_model_encoder_layers_{i}_self_attn_{p}_proj.{part}"
+                    for i in range(layers) for p in ("q", "k", "v", "out")
+                    for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert meta["texforce.family"] == "sdxl" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["texforce.encoders"] == "clip_g" and meta["texforce.epoch"] == "1"
+    assert [h["epoch"] for h in history_lines(server, "srv_xl_te2")] == [1]
+    with pytest.raises(ComfyError, match=r"run 'srv_xl_te2' trained CLIP-G .*this setting trains CLIP-G \+ CLIP-L"):
+        server.run(train_prompt("srv_xl_te2", epochs=2, steps=2, family="sdxl", text_encoders="all"), timeout=120)
+    with pytest.raises(ComfyError, match=r"run 'srv_xl_te2' was trained on SDXL \(CLIP-L \+ CLIP-G\) .*but this "
+                                         r"CLIP is SD 1\.x \(CLIP-L\)"):
+        server.run(train_prompt("srv_xl_te2", epochs=2, steps=2, family="sd1"), timeout=120)
+
+
+def test_an_encoder_the_checkpoint_lacks_is_refused_by_the_node(server):
+    with pytest.raises(ComfyError, match=r"cannot train CLIP-G: this CLIP is SD 1\.x \(CLIP-L\), which has CLIP-L only"):
+        server.run(train_prompt("srv_sd1_te2", epochs=1, steps=2, text_encoders="clip_g"), timeout=120)
