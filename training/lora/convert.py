@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .family import lora_family
 from .read import read_lora
 from .types import LoraFileError, LoraSet
 from .write import save_kohya
@@ -29,20 +30,12 @@ def _to_file_slots(lora: LoraSet) -> LoraSet:
     return out
 
 
-def _guess_family(lora: LoraSet) -> str | None:
-    slots = {slot for slot, _ in lora.modules}
-    if slots & {"te1", "te2", "clip_g"}:
-        return "sdxl"
-    widths = {m.down.shape[1] for (_, p), m in lora.modules.items() if p.endswith("self_attn.q_proj")}
-    return {768: "sd1", 1024: "sd2"}.get(next(iter(widths), 0))
-
-
 def convert(src: Path, dst: Path, family: str | None = None) -> tuple[Path, LoraSet]:
     lora = read_lora(src)
     if not lora.modules:
         raise LoraFileError(f"{src}: no text-encoder LoRA weights found ({len(lora.other)} other keys); nothing to convert.")
     out = _to_file_slots(lora)
-    family = family or _guess_family(lora)
+    family = family or lora_family(out)  # on the kohya slots: a lone 768-wide clip_l is SD 1.x here
     meta = {"converted_from": str(src.name), "source_format": lora.format}
     return save_kohya(out, dst, family=family, metadata=meta), out
 
