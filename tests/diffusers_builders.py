@@ -4,6 +4,8 @@ One set of weights, three ways in: the tiny ComfyUI model of `tiny_models` is wr
 Stable Diffusion single-file checkpoint by ComfyUI's own `save_checkpoint`; a diffusers config folder
 describing the same architecture lets diffusers' single-file loader read it; and a full diffusers folder
 (`save_pretrained` of that pipeline) is the third. So the parity tests compare the two real loading paths.
+SD1: write_tiny_sd1; SD 2.x and SDXL: write_tiny(root, "sd2" / "sdxl"), whose config folders are read off the
+built comfy modules and laid out as diffusers' hub folders of those families are.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import comfy.model_base
 import comfy.sd
 import comfy.supported_models
 
@@ -110,3 +113,244 @@ def write_tiny_sd1(root: Path, seed: int = 0, learnable: bool = False, v_predict
     ckpt = write_single_file(root / "tiny_sd1.safetensors", model, clip, vae)
     config = write_config_folder(root / "tiny_sd1_config", v_prediction)
     return {"checkpoint": ckpt, "config": config, "model": model, "clip": clip, "vae": vae}
+
+
+# -- SD 2.x and SDXL ---------------------------------------------------------------------------------------
+
+# ComfyUI's own text-encoder classes per family, and each encoder's tiny size (tiny_models.WIDTHS).
+# tiny_models' CLIPs all use quick_gelu; OpenCLIP-H (SD2) and OpenCLIP-bigG (SDXL) use gelu, so these are built
+# from comfy's real classes with only the sizes overridden (their config files keep the real activations).
+FAMILY_ENCODERS = {"sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}
+# comfy.latent_formats.SD15 / SDXL scale factors, which the diffusers VAE configs of those families carry
+VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+
+
+def _tiny_sizes(name: str) -> dict:
+    """The size fields of tiny_models.clip_config for one encoder (everything else stays as ComfyUI ships it)."""
+    width, layers = tiny_models.WIDTHS[name]
+    cfg = tiny_models.clip_config(width, layers)
+    return {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                                "projection_dim")}
+
+
+def tiny_family_clip(family: str, seed: int = 0, learnable: bool = False) -> comfy.sd.CLIP:
+    """A tiny CLIP of the family in ComfyUI's own classes (SD2ClipModel, SDXLClipModel) and tokenizers.
+
+    Their layer choices (SD2: penultimate + final LN; SDXL: penultimate of both, no final LN), special tokens,
+    pooled outputs and activations are ComfyUI's; only the sizes come from tiny_models.
+    """
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd2_clip
+
+    if family == "sd1":
+        return tiny_models.tiny_clip("sd1", seed, learnable)
+    if family == "sd2":
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd2_clip.SD2Tokenizer,
+                                                        comfy.text_encoders.sd2_clip.SD2ClipModel)
+    elif family == "sdxl":
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    options = {"dtype": torch.float32, **{f"{e}_model_config": _tiny_sizes(e) for e in FAMILY_ENCODERS[family]}}
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    if learnable:
+        tiny_models.init_fan_in(clip.cond_stage_model, seed)
+    else:
+        tiny_models.init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_family_models(family: str, seed: int = 0, learnable: bool = False, v_prediction: bool | None = None):
+    """(MODEL, CLIP, VAE) of one family, built under inference mode as ComfyUI's nodes build them.
+
+    U-Net and VAE are tiny_models' (SD2 v-prediction by default, SDXL eps); the CLIP is tiny_family_clip.
+    """
+    if family == "sd1":
+        return tiny_comfy_models(seed, learnable, bool(v_prediction))
+    with torch.inference_mode():
+        model = tiny_models.tiny_unet(family, seed, learnable, v_prediction, output_gain=20.0 if learnable else 1.0)
+        return model, tiny_family_clip(family, seed, learnable), tiny_models.tiny_vae(seed, learnable)
+
+
+def _heads(block) -> list[int]:
+    """Heads of each transformer layer of a comfy SpatialTransformer (self- and cross-attention agree)."""
+    heads = []
+    for tb in block.transformer_blocks:
+        assert tb.attn1.heads == tb.attn2.heads
+        heads.append(tb.attn1.heads)
+    return heads
+
+
+def unet_config_from_comfy(model) -> dict:
+    """diffusers' UNet2DConditionModel config of a built comfy U-Net, read from its modules.
+
+    ComfyUI's family configs override the U-Net settings (SD1: 8 heads; SD2/SDXL: 64-wide heads, which
+    tiny_unet sets to 16): heads, depths and attention placement are read from the comfy modules, so the
+    config describes what ComfyUI actually built. diffusers' `attention_head_dim` is its legacy name for the
+    number of heads per block.
+    """
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    base = model.model
+    uc = base.model_config.unet_config
+    dm = base.diffusion_model
+    mult, nrb = list(uc["channel_mult"]), list(uc["num_res_blocks"])
+    levels = len(mult)
+    channels = [uc["model_channels"] * m for m in mult]
+
+    def transformer(block):
+        found = [m for m in block if isinstance(m, SpatialTransformer)]
+        return found[0] if found else None
+
+    down_heads, down_depth, down_types = [], [], []
+    index = 1
+    for level in range(levels):
+        found = [transformer(dm.input_blocks[index + j]) for j in range(nrb[level])]
+        index += nrb[level] + (1 if level < levels - 1 else 0)
+        if all(t is None for t in found):
+            down_types.append("DownBlock2D")
+            down_heads.append(channels[level] // 16)  # unused by a block without attention
+            down_depth.append(1)
+            continue
+        assert all(t is not None for t in found), "diffusers blocks have attention after every resnet or none"
+        heads = {h for t in found for h in _heads(t)}
+        assert len(heads) == 1
+        down_types.append("CrossAttnDownBlock2D")
+        down_heads.append(heads.pop())
+        down_depth.append(len(found[0].transformer_blocks))
+
+    up_types, up_depth = [], []
+    index = 0
+    for level in reversed(range(levels)):
+        found = [transformer(dm.output_blocks[index + j]) for j in range(nrb[level] + 1)]
+        index += nrb[level] + 1
+        if all(t is None for t in found):
+            up_types.append("UpBlock2D")
+            up_depth.append(1)
+            continue
+        assert all(t is not None for t in found)
+        assert {h for t in found for h in _heads(t)} == {down_heads[level]}
+        up_types.append("CrossAttnUpBlock2D")
+        up_depth.append(len(found[0].transformer_blocks))
+
+    mid = transformer(dm.middle_block)
+    assert mid is not None and set(_heads(mid)) == {down_heads[-1]}
+    config = {
+        "_class_name": "UNet2DConditionModel", "sample_size": uc["image_size"], "in_channels": uc["in_channels"],
+        "out_channels": uc["out_channels"], "down_block_types": down_types, "up_block_types": up_types,
+        "block_out_channels": channels, "layers_per_block": nrb[0], "cross_attention_dim": uc["context_dim"],
+        "attention_head_dim": down_heads, "transformer_layers_per_block": down_depth,
+        "reverse_transformer_layers_per_block": up_depth if up_depth != down_depth[::-1] else None,
+        "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
+        "use_linear_projection": bool(uc["use_linear_in_transformer"]), "downsample_padding": 1, "act_fn": "silu",
+        "mid_block_scale_factor": 1, "center_input_sample": False, "upcast_attention": False,
+    }
+    assert len(set(nrb)) == 1 and len(mid.transformer_blocks) == down_depth[-1]
+    adm = uc.get("adm_in_channels")
+    if adm:  # SDXL: label embedding of [pooled, 6 size embeddings of 256] (comfy.model_base.SDXL.encode_adm)
+        size_dim = base.embedder.dim
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=size_dim,
+                      projection_class_embeddings_input_dim=adm)
+    return config
+
+
+def _clip_text_config(comfy_encoder, with_projection: bool) -> dict:
+    """transformers' CLIP text config of a built comfy encoder (its own config, as ComfyUI read it)."""
+    layers = comfy_encoder.num_layers
+    tm = comfy_encoder.transformer.text_model
+    cfg = {"architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
+           "model_type": "clip_text_model", "hidden_size": tm.final_layer_norm.weight.shape[0],
+           "num_hidden_layers": layers, "max_position_embeddings": tm.embeddings.position_embedding.weight.shape[0],
+           "vocab_size": tm.embeddings.token_embedding.weight.shape[0], "layer_norm_eps": 1e-5,
+           # the ids stabilityai's SD2 / SDXL folders ship (eos 2: transformers' legacy "end token = highest id")
+           "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+    layer = tm.encoder.layers[0]
+    cfg.update(intermediate_size=layer.mlp.fc1.weight.shape[0], num_attention_heads=layer.self_attn.heads,
+               hidden_act=_activation(layer.mlp),
+               projection_dim=comfy_encoder.transformer.text_projection.weight.shape[0])
+    return cfg
+
+
+def _activation(mlp) -> str:
+    import comfy.clip_model
+
+    for name, fn in comfy.clip_model.ACTIVATIONS.items():
+        if mlp.activation is fn:
+            return name
+    raise ValueError(f"unknown CLIP activation {mlp.activation}")
+
+
+def _write_tokenizer(folder: Path, pad_token: str) -> None:
+    """ComfyUI's CLIP tokenizer files as a diffusers tokenizer folder (77 tokens; SD2 / SDXL's second pad with "!")."""
+    folder.mkdir(parents=True)
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, folder / f.name)
+    cfg = folder / "tokenizer_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_max_length": 77, "pad_token": pad_token},
+                              indent=2))
+    special = folder / "special_tokens_map.json"
+    special.write_text(json.dumps({**json.loads(special.read_text()), "pad_token": pad_token}, indent=2))
+
+
+def write_family_config_folder(root: Path, family: str, model, clip) -> Path:
+    """A diffusers folder without weights describing one built comfy (MODEL, CLIP), as diffusers' hub folders
+    of the family are laid out: SD2 (StableDiffusionPipeline, OpenCLIP-H text encoder with the last layer
+    dropped, tokenizer padding with "!"), SDXL (StableDiffusionXLPipeline, CLIP-L + CLIP-G with projection,
+    tokenizer_2 padding with "!", the text_time U-Net, VAE scale 0.13025, Euler scheduler)."""
+    root = Path(root)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    v_prediction = model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    components = {"scheduler": ["diffusers", "DDIMScheduler" if family != "sdxl" else "EulerDiscreteScheduler"],
+                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    configs = {"unet": unet_config_from_comfy(model),
+               "vae": {**vae_config(), "scaling_factor": VAE_SCALING[family]},
+               "scheduler": {**scheduler_config(v_prediction),
+                             "_class_name": components["scheduler"][1]}}
+    cond = clip.cond_stage_model
+    if family == "sd2":
+        index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+                 "safety_checker": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+        te = _clip_text_config(cond.clip_h, with_projection=False)
+        # diffusers' SD2 text encoder ends at ComfyUI's penultimate layer: its last_hidden_state (final LN applied)
+        # is the SD2 conditioning, and the single-file converter drops the checkpoint's last layer.
+        te["num_hidden_layers"] -= 1
+        configs["text_encoder"] = te
+        _write_tokenizer(root / "tokenizer", "!")
+    elif family == "sdxl":
+        index = {"_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
+                 "image_encoder": [None, None], "force_zeros_for_empty_prompt": True,
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+        configs["text_encoder"] = _clip_text_config(cond.clip_l, with_projection=False)
+        configs["text_encoder_2"] = _clip_text_config(cond.clip_g, with_projection=True)
+        configs["vae"]["force_upcast"] = True
+        configs["scheduler"].update(interpolation_type="linear", use_karras_sigmas=False)
+        for k in ("clip_sample", "set_alpha_to_one"):
+            configs["scheduler"].pop(k)
+        _write_tokenizer(root / "tokenizer", "<|endoftext|>")
+        _write_tokenizer(root / "tokenizer_2", "!")
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    index = {"_diffusers_version": "0.30.0", **index, **components}
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    for name, cfg in configs.items():
+        (root / name).mkdir(exist_ok=True)
+        fname = "scheduler_config.json" if name == "scheduler" else "config.json"
+        (root / name / fname).write_text(json.dumps(cfg, indent=2))
+    return root
+
+
+def write_tiny(root: Path, family: str, seed: int = 0, learnable: bool = False,
+               v_prediction: bool | None = None) -> dict:
+    """One tiny model of the family as ComfyUI's single-file checkpoint plus the diffusers config folder
+    describing it; returns their paths and the ComfyUI objects (model, clip, vae)."""
+    if family == "sd1":
+        return {**write_tiny_sd1(root, seed, learnable, bool(v_prediction)), "family": "sd1"}
+    root = Path(root)
+    model, clip, vae = tiny_family_models(family, seed, learnable, v_prediction)
+    ckpt = write_single_file(root / f"tiny_{family}.safetensors", model, clip, vae)
+    config = write_family_config_folder(root / f"tiny_{family}_config", family, model, clip)
+    return {"checkpoint": ckpt, "config": config, "model": model, "clip": clip, "vae": vae, "family": family}

@@ -2,10 +2,12 @@
 text encoder(s). Used by the command-line trainer (train.py), alone or under torchrun / accelerate.
 
 It computes what the ComfyUI host computes, so a run can move between them (tests check parity on the same
-weights): the same tokenisation (77 tokens, padded), the same encoder outputs (SD1: last layer; SD2:
-penultimate layer, normalised; SDXL: penultimate layers of CLIP-L and CLIP-G concatenated, CLIP-G's
-projected pooled output and the size conditioning), classifier-free guidance as ε_u + g·(ε_c − ε_u) (equal
-to ComfyUI's guidance on the denoised image, which is affine in ε), and v-prediction converted to ε.
+weights, SD1, SD2 and SDXL): the same tokenisation (77 tokens, padded as ComfyUI pads each encoder), the same
+encoder outputs (SD1: last layer; SD2: penultimate layer, normalised; SDXL: penultimate layers of CLIP-L and
+CLIP-G concatenated, un-normalised, CLIP-G's projected pooled output and the size conditioning ComfyUI builds
+from the latent size), classifier-free guidance as ε_u + g·(ε_c − ε_u) (equal to ComfyUI's guidance on the
+denoised image, which is affine in ε), and v-prediction converted to ε. The empty negative prompt is encoded
+like any other (ComfyUI does not zero it, whatever SDXL's force_zeros_for_empty_prompt says).
 Differences: prompts longer than 75 tokens are truncated here (ComfyUI encodes them in 77-token chunks).
 
 The LoRA starts from the same seeded initialisation as the ComfyUI host (training/lora/trainable.py), is
@@ -33,6 +35,8 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # transformers 4 names CLIP layers text_model.encoder.layers.N..., transformers 5 encoder.layers.N...
 _LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj$")
 FAMILIES = ("sd1", "sd2", "sdxl")
+# ComfyUI's default SDXL size conditioning is the latent size × 8, whatever the VAE (comfy.samplers.encode_model_conds)
+COMFY_LATENT_SCALE = 8
 
 
 class PipelineLoadError(RuntimeError):
@@ -40,8 +44,18 @@ class PipelineLoadError(RuntimeError):
 
 
 def family_of(pipe) -> str:
-    """sd1 / sd2 / sdxl from the pipeline's components (SD2's OpenCLIP-H uses gelu, OpenAI's CLIP-L quick_gelu)."""
+    """sd1 / sd2 / sdxl from the pipeline's components (SD2's OpenCLIP-H uses gelu, OpenAI's CLIP-L quick_gelu).
+
+    SDXL needs both encoders with CLIP-G's projection (its pooled output conditions the U-Net); the SDXL refiner
+    (CLIP-G only, aesthetic-score conditioning) is refused, as the ComfyUI host has no refiner path either.
+    """
     if getattr(pipe, "text_encoder_2", None) is not None:
+        if getattr(pipe, "text_encoder", None) is None:
+            raise PipelineLoadError("this SDXL pipeline has no CLIP-L text encoder (an SDXL refiner?): TexForce "
+                                    "trains SD 1.x, SD 2.x and SDXL base models")
+        if not hasattr(pipe.text_encoder_2, "text_projection"):
+            raise PipelineLoadError(f"this SDXL pipeline's text_encoder_2 is a {type(pipe.text_encoder_2).__name__}; "
+                                    "SDXL needs CLIPTextModelWithProjection (CLIP-G's pooled output)")
         return "sdxl"
     act = getattr(pipe.text_encoder.config, "hidden_act", "quick_gelu")
     return "sd2" if act == "gelu" else "sd1"
@@ -136,7 +150,7 @@ class DiffusersHost:
         unknown = [e for e in wanted if e not in present]
         if unknown or not wanted:
             raise ValueError(f"this {self.family.upper()} pipeline has text encoder(s) {present}; cannot train {wanted}")
-        self.encoders = [e for e in present if e in wanted]
+        self.encoders = sorted(e for e in present if e in wanted)  # as the ComfyUI host lists them
         self.text_encoders = [(getattr(pipe, attr), enc) for attr, enc in names]
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.family == "sdxl" else [])
         self.max_tokens = int(pipe.text_encoder.config.max_position_embeddings)  # 77
@@ -160,29 +174,51 @@ class DiffusersHost:
                     # fp32 LoRA on an fp16/bf16 model (peft casts the input to the adapter's dtype)
                     module.lora_A[ADAPTER].float()
                     module.lora_B[ADAPTER].float()
+        dropped = self._dropped_layer_shapes(shapes) if "clip_h" in self.encoders else {}
         # The seeded initialisation of the ComfyUI host, so both hosts start from the same LoRA.
-        self._staging = TrainableLora(shapes, rank=rank, alpha=alpha, seed=seed)
+        self._staging = TrainableLora({**shapes, **dropped}, rank=rank, alpha=alpha, seed=seed)
+        # (down, up) per LoRA key: peft's lora_A / lora_B, or plain parameters for a dropped layer's LoRA
+        self._weights: dict[tuple[str, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {
+            key: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight) for key, layer in self._layers.items()}
+        for i, key in enumerate(self._staging.keys):
+            if key in dropped:
+                self._weights[key] = (torch.nn.Parameter(self._staging.down[i].detach().to(self.device, copy=True)),
+                                      torch.nn.Parameter(self._staging.up[i].detach().to(self.device, copy=True)))
         self._push(self._staging)
         self.rank, self.alpha = int(rank), float(alpha)
-        self._params = ([self._layers[k].lora_A[ADAPTER].weight for k in self._staging.keys]
-                        + [self._layers[k].lora_B[ADAPTER].weight for k in self._staging.keys])
+        self._params = ([self._weights[k][0] for k in self._staging.keys]
+                        + [self._weights[k][1] for k in self._staging.keys])
         for p in self._params:
             p.requires_grad_(True)
+
+    def _dropped_layer_shapes(self, shapes: dict[tuple[str, str], tuple[int, int]]) -> dict:
+        """SD2: LoRA keys for OpenCLIP-H's last layer, which diffusers' SD2 text encoder does not have.
+
+        ComfyUI loads all of OpenCLIP-H's layers and reads the penultimate one (final LN applied); diffusers'
+        SD2 text encoder ends at that layer (its hub folders have 23 of 24 layers; the single-file converter
+        drops the last). The ComfyUI host trains a LoRA on every layer it has, so the LoRA of that last layer is
+        kept here too, as plain parameters nothing reads: both hosts then have the same keys, initialisation,
+        optimizer layout and files (that LoRA never gets a gradient on either host), and resume across hosts.
+        """
+        te = self.text_encoders[0][0]
+        last = int(te.config.num_hidden_layers)
+        return {(slot, path.replace(f"layers.{last - 1}.", f"layers.{last}.")): shape
+                for (slot, path), shape in shapes.items() if f"layers.{last - 1}." in path}
 
     # -- LoRA state ------------------------------------------------------------------------------
     def _push(self, lora: TrainableLora) -> None:
         with torch.no_grad():
             for i, key in enumerate(lora.keys):
-                layer = self._layers[key]
-                layer.lora_A[ADAPTER].weight.copy_(lora.down[i])
-                layer.lora_B[ADAPTER].weight.copy_(lora.up[i])
+                down, up = self._weights[key]
+                down.copy_(lora.down[i])
+                up.copy_(lora.up[i])
 
     def _pull(self) -> TrainableLora:
         with torch.no_grad():
             for i, key in enumerate(self._staging.keys):
-                layer = self._layers[key]
-                self._staging.down[i].copy_(layer.lora_A[ADAPTER].weight.float().cpu())
-                self._staging.up[i].copy_(layer.lora_B[ADAPTER].weight.float().cpu())
+                down, up = self._weights[key]
+                self._staging.down[i].copy_(down.float().cpu())
+                self._staging.up[i].copy_(up.float().cpu())
         return self._staging
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -213,24 +249,34 @@ class DiffusersHost:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale
 
-    def _tokens(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+    def _tokens(self, tokenizer, prompts: list[str], encoder: str) -> torch.Tensor:
+        """Token ids padded as ComfyUI pads for this encoder, whatever pad token the pipeline's tokenizer names.
+
+        CLIP-L pads with its end token; OpenCLIP-H (SD2) and CLIP-G (SDXL) pad with id 0 ("!"), as their
+        diffusers tokenizers do too. Padding positions still pass through the causal encoder, so they matter.
+        """
         length = min(tokenizer.model_max_length, self.max_tokens)
-        out = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return out.input_ids.to(self.device)
+        pad = tokenizer.eos_token_id if encoder == "clip_l" else 0
+        ids = tokenizer(prompts, truncation=True, max_length=length).input_ids
+        return torch.tensor([x + [pad] * (length - len(x)) for x in ids], dtype=torch.long, device=self.device)
 
     def encode(self, prompts: list[str]) -> Cond:
         """One forward per distinct prompt (repeats share it), as the ComfyUI host does."""
         unique = list(dict.fromkeys(prompts))
         index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
         if self.family != "sdxl":
-            te = self.text_encoders[0][0]
-            hidden = te(self._tokens(self.tokenizers[0], unique)).last_hidden_state
+            # SD1: the last layer, final LN applied. SD2: diffusers' text encoder ends at OpenCLIP-H's penultimate
+            # layer, so its last_hidden_state is ComfyUI's SD2 conditioning (penultimate layer, final LN applied).
+            te, enc = self.text_encoders[0]
+            hidden = te(self._tokens(self.tokenizers[0], unique, enc)).last_hidden_state
             return {"cross_attn": hidden.float()[index]}
+        # SDXL: the penultimate layers of CLIP-L and CLIP-G without the final LN, concatenated; pooled = CLIP-G's
+        # projected pooled output (final LN at its end token, then text_projection), as ComfyUI's SDXLClipModel.
         parts, pooled = [], None
-        for (te, _), tok in zip(self.text_encoders, self.tokenizers):
-            out = te(self._tokens(tok, unique), output_hidden_states=True)
+        for (te, enc), tok in zip(self.text_encoders, self.tokenizers):
+            out = te(self._tokens(tok, unique, enc), output_hidden_states=True)
             parts.append(out.hidden_states[-2])
-            if hasattr(out, "text_embeds"):
+            if enc == "clip_g":
                 pooled = out.text_embeds
         return {"cross_attn": torch.cat(parts, dim=-1).float()[index], "pooled": pooled.float()[index]}
 
@@ -258,7 +304,7 @@ class DiffusersHost:
             xin, tin = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
             added = None
             if pooled is not None:
-                h, w = x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
+                h, w = x.shape[-2] * COMFY_LATENT_SCALE, x.shape[-1] * COMFY_LATENT_SCALE
                 added = {"text_embeds": pooled, "time_ids": self._time_ids(xin.shape[0], h, w).to(self.dtype)}
             out = self.unet(xin.to(self.dtype), tin, encoder_hidden_states=ctx, added_cond_kwargs=added,
                             return_dict=False)[0].float()
