@@ -342,3 +342,30 @@ def test_the_ddpo_gradient_estimate_is_unbiased_on_a_linear_gaussian_chain():
     size = (estimate @ exact / exact.norm() ** 2).item()
     # measured over 6 seeds at this n: cosine 0.956–0.986, size 0.73–0.98 (→ 1.02 at n = 65536)
     assert cosine > 0.9 and 0.6 < size < 1.4, (cosine, size)
+
+
+class _MirrorPeer:
+    """A stand-in for one other rank that holds exactly this rank's gradients (a mock: real 2-process runs are
+    in test_headless_cli.py; this isolates the bookkeeping of parameters that no rank has a gradient for)."""
+
+    rank, world_size, local_rank, is_main = 0, 2, 0, True
+
+    def all_reduce_sum(self, tensors):
+        for t in tensors:
+            t.mul_(2)
+
+
+def test_step_over_ranks_sums_gradients_and_leaves_gradientless_parameters_alone():
+    tr = trainer(weight_decay=0.1)
+    tr.dist = _MirrorPeer()
+    used, unused = tr.params[0], tr.params[1]
+    with torch.no_grad():
+        unused.fill_(0.5)
+    before = unused.detach().clone()
+    used.grad = torch.ones_like(used)
+    info = {"skipped": 0, "grad_norm": [], "steps": 0, "updated": False, "lr": 0.0}
+    tr._optimizer_step(info)
+    # the summed gradient (2 per element) was clipped and applied; the parameter nobody had a gradient for
+    # got no weight decay, exactly as on one process (AdamW skips parameters whose grad is None)
+    assert info["grad_norm"][0] == pytest.approx(2 * used.numel() ** 0.5, rel=1e-5)
+    assert torch.equal(unused.detach(), before)

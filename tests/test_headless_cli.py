@@ -250,3 +250,40 @@ def test_half_precision_model_trains_an_fp32_lora(tiny):
     grads = [p.grad for p in host.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert eps.dtype == torch.float32 and any(float(g.abs().max()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family,encoders,prefixes", [("sdxl", "clip_g", {"lora_te2"}), ("sd2", None, {"lora_te"})])
+def test_other_families_end_to_end(family, encoders, prefixes, tmp_path, loras_dir):
+    """The CLI on tiny SD 2.x (v-prediction) and SDXL (CLIP-G only): the file has the chosen encoder's keys
+    and family metadata, and ComfyUI's stock LoraLoader gives the conditioning the diffusers host trained."""
+    from diffusers_builders import write_tiny
+    from safetensors import safe_open
+
+    d = write_tiny(tmp_path, family, learnable=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na blue car\n")
+    out = tmp_path / "run"
+    args = ["--model", str(d["checkpoint"]), "--model-config", str(d["config"]), "--prompts", str(prompts),
+            "--output", str(out), "--reward", "jpeg_compressibility", "--name", f"tiny_{family}",
+            *[a for s in SETTINGS for a in ("--set", s)], "--set", "epochs=1", "--set", "images_per_epoch=4",
+            *(["--encoders", encoders] if encoders else [])]
+    proc = subprocess.run([sys.executable, str(WORKER), *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    _ok(proc)
+    path = out / f"tiny_{family}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert {k.split("_text_model")[0] for k in keys} == prefixes
+    assert meta["texforce.family"] == family
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):  # every projection of every layer, as A1111/Forge read
+        assert sum(k.endswith(f"self_attn_{proj}.lora_down.weight") for k in keys) == len(keys) // 12
+
+    host = dhost.DiffusersHost(dhost.load_pipeline(d["checkpoint"], config=d["config"]), rank=4, alpha=4.0,
+                               encoders=[encoders] if encoders else None)
+    host.load_lora_state(load_file(str(path)))
+    with torch.no_grad():
+        expected = host.encode(["a red apple"])["cross_attn"]
+    (loras_dir / path.name).write_bytes(path.read_bytes())
+    _, stock_clip = stock_lora_loader(d["clip"], path.name, 1.0)
+    cond, _ = encode(stock_clip, "a red apple")
+    torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-5)

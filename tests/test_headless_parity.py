@@ -76,21 +76,26 @@ def test_same_prediction_and_log_probs(pair):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 4, 4, generator=g)
     noise = torch.randn(3, 4, 4, 4, generator=g)
+    step = (sched.abar_t[1].expand(3), sched.abar_prev[1].expand(3), 1.0)
     results = []
     with torch.no_grad():
         for h in pair:
             cond, uncond = h.encode(PROMPTS), h.encode([""])
             with h.predictor(cond, uncond, 5.0) as predict:
-                eps = predict(x, sched.timesteps[1].expand(3))
-            prev, lp, _, _ = ddim.ddim_step(x, eps, sched.abar_t[1].expand(3), sched.abar_prev[1].expand(3), 1.0,
-                                            noise=noise)
-            results.append((eps, prev, lp))
-    eps0, prev0, lp0 = results[0]
-    assert eps0.abs().mean() > 0.1
-    for eps, prev, lp in results[1:]:
-        torch.testing.assert_close(eps, eps0, rtol=1e-4, atol=1e-4)
+                results.append(predict(x, sched.timesteps[1].expand(3)))
+        # the step the ComfyUI host sampled, scored under each host's ε: what training computes
+        prev0, lp0, _, _ = ddim.ddim_step(x, results[0], *step, noise=noise)
+        # (the sampled step's own log-prob does not depend on ε; a step from other noise does)
+        prev_other = ddim.ddim_step(x, results[0], *step, noise=torch.randn(x.shape, generator=g))[0]
+        lp_other = ddim.ddim_step(x, results[0], *step, prev_sample=prev_other)[1]
+    assert results[0].abs().mean() > 0.1
+    for eps in results[1:]:
+        torch.testing.assert_close(eps, results[0], rtol=1e-4, atol=1e-4)
+        prev, _, _, _ = ddim.ddim_step(x, eps, *step, noise=noise)
         torch.testing.assert_close(prev, prev0, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(lp, lp0, rtol=1e-4, atol=1e-3)
+        for target, ref in ((prev0, lp0), (prev_other, lp_other)):
+            lp = ddim.ddim_step(x, eps, *step, prev_sample=target)[1]
+            torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_same_decoded_images(pair):

@@ -493,10 +493,14 @@ class Trainer:
 
     def _optimizer_step(self, info: dict[str, Any]) -> None:
         if self.dist.world_size > 1:  # the sum of every rank's share of this group's gradient
+            present = torch.tensor([float(p.grad is not None) for p in self.params])
             for p in self.params:
-                if p.grad is None:  # this rank held none of the group's samples
+                if p.grad is None:  # this rank held none of the group's samples (or the LoRA is unused)
                     p.grad = torch.zeros_like(p)
-            self.dist.all_reduce_sum([p.grad for p in self.params])
+            self.dist.all_reduce_sum([p.grad for p in self.params] + [present])
+            for p, n in zip(self.params, present.tolist()):
+                if n == 0:  # no gradient on any rank, as on one process: AdamW leaves it alone (no decay)
+                    p.grad = None
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         if not math.isfinite(norm):
             log.warning("skipping an optimizer step: the LoRA gradient norm is %s", norm)
