@@ -271,6 +271,7 @@ class ComfyHost:
                 layer.__dict__.pop("forward", None)
             self._training = False
 
+
 def _context_dim(model) -> int | None:
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
     dim = config.get("context_dim")
