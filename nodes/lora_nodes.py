@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..training.lora import LoraFileError, fuse_loras, save_kohya
+from ..training.lora.family import FAMILY_LABELS, lora_family
 from .lora_apply import ClipLayout, clip_patches, looks_like_unet, resolve, to_file_slots, unet_patches
 from .lora_files import NONE, load_lora_file, lora_choices, save_path
 
@@ -100,7 +101,8 @@ def _report(i, name, strength, lora, res, n_unet, unmatched, has_model) -> list[
     for (enc, _), _m in res.modules.items():
         per_encoder[enc] = per_encoder.get(enc, 0) + 1
     lines = [f"[{i}] {name}  strength {strength:g}",
-             f"    format: {lora.format}; rank {_fmt(lora.ranks())}, alpha {_fmt(lora.alphas())}",
+             f"    format: {lora.format}; rank {_fmt(lora.ranks())}, alpha {_fmt(lora.alphas())}"
+             + (f"; for {FAMILY_LABELS[family]}" if (family := lora_family(lora)) else ""),
              "    text encoders: " + (", ".join(f"{e} {n} modules" for e, n in sorted(per_encoder.items())) or "none")]
     if n_unet or (lora.other and has_model):
         lines.append(f"    U-Net: {n_unet} modules")

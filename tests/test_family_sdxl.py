@@ -150,3 +150,4 @@ def test_a_single_encoder_file_loads_in_our_loader_like_the_stock_one(encoders, 
     enc = encoders[0]
     other = {"clip_l": "clip_g", "clip_g": "clip_l"}[enc]
     assert f"{enc} {len(host.lora.keys)} modules" in report and other not in report.split("text encoders:")[1]
+    assert "; for SDXL (CLIP-L + CLIP-G)" in report
