@@ -16,6 +16,8 @@ LoraFileError = pack.training.lora.LoraFileError
 Fuse = pack.nodes.lora_nodes.TexForceLoraFuse
 ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
 train_node = importlib.import_module(f"{pack.__name__}.nodes.train_node")
+checkpoint = importlib.import_module(f"{pack.__name__}.training.checkpoint")
+CheckpointError = checkpoint.CheckpointError
 LABEL = {"sd1": r"SD 1\.x \(CLIP-L\)", "sd2": r"SD 2\.x \(OpenCLIP-H\)", "sdxl": r"SDXL \(CLIP-L \+ CLIP-G\)"}
 
 
@@ -77,19 +79,43 @@ def test_fuse_refuses_a_lora_of_another_family_and_writes_nothing(loras_dir):
 
 
 @pytest.mark.parametrize("trained,resumed,pattern", [
-    (("sdxl", None), ("sd1", None), rf"its LoRA is for {LABEL['sdxl']}: te1 width 32, te2 width 48, but this run "
-                                    rf"trains {LABEL['sd1']}: te width 32"),
-    (("sd1", None), ("sdxl", None), rf"its LoRA is for a text encoder of another size \(te width 32\), but this "
-                                    rf"run trains {LABEL['sdxl']}: te1 width 32, te2 width 48"),
-    (("sd2", None), ("sd1", None), rf"te width 40\), but this run trains {LABEL['sd1']}: te width 32"),
-    (("sdxl", ["clip_g"]), ("sdxl", None), rf"its LoRA is for {LABEL['sdxl']}: te2 width 48, but this run trains "
-                                           rf"{LABEL['sdxl']}: te1 width 32, te2 width 48 \(12 module\(s\) missing"),
+    (("sdxl", None), ("sd1", None), rf"it trained the CLIP-G \+ CLIP-L of {LABEL['sdxl']}, but this run trains the "
+                                    rf"CLIP-L of {LABEL['sd1']}"),
+    (("sd1", None), ("sdxl", None), rf"it trained the CLIP-L of {LABEL['sd1']}, but this run trains the "
+                                    rf"CLIP-G \+ CLIP-L of {LABEL['sdxl']}"),
+    (("sd2", None), ("sd1", None), rf"it trained the OpenCLIP-H of {LABEL['sd2']}, but this run trains the "
+                                   rf"CLIP-L of {LABEL['sd1']}"),
+    (("sdxl", ["clip_g"]), ("sdxl", None), rf"it trained the CLIP-G of {LABEL['sdxl']}, but this run trains the "
+                                           rf"CLIP-G \+ CLIP-L of {LABEL['sdxl']}"),
 ])
-def test_trainer_refuses_to_resume_a_checkpoint_of_another_layout(trained, resumed, pattern, tmp_path):
+def test_trainer_refuses_to_resume_a_checkpoint_of_another_family_or_encoder_choice(trained, resumed, pattern,
+                                                                                   tmp_path):
+    """The checkpoint records the family and the trained encoders; the refusal names both sides."""
     ckpt = tmp_path / "run.pt"
     cfg = small_config(epochs=2, num_steps=2)
     host, *_ = build(*trained, learnable=False)
     loop.Trainer(host, brightness, PROMPTS, cfg, checkpoint_path=ckpt).run(1)
+    other, *_ = build(*resumed, learnable=False)
+    with pytest.raises(CheckpointError, match=pattern):
+        loop.Trainer(other, brightness, PROMPTS, cfg, checkpoint_path=ckpt)
+
+
+@pytest.mark.parametrize("trained,resumed,pattern", [
+    (("sdxl", None), ("sd1", None), rf"its LoRA is for {LABEL['sdxl']}: te1 width 32, te2 width 48, but this run "
+                                    rf"trains {LABEL['sd1']}: te width 32"),
+    (("sd2", None), ("sd1", None), rf"te width 40\), but this run trains {LABEL['sd1']}: te width 32"),
+    (("sdxl", ["clip_g"]), ("sdxl", None), rf"its LoRA is for {LABEL['sdxl']}: te2 width 48, but this run trains "
+                                           rf"{LABEL['sdxl']}: te1 width 32, te2 width 48 \(12 module\(s\) missing"),
+])
+def test_trainer_checks_the_lora_layout_of_a_checkpoint_without_model_record(trained, resumed, pattern, tmp_path):
+    """A checkpoint that does not record its model (written before it did) is still refused by its LoRA's layout."""
+    ckpt = tmp_path / "run.pt"
+    cfg = small_config(epochs=2, num_steps=2)
+    host, *_ = build(*trained, learnable=False)
+    loop.Trainer(host, brightness, PROMPTS, cfg, checkpoint_path=ckpt).run(1)
+    state = checkpoint.load_checkpoint(ckpt)
+    del state["model"]
+    checkpoint.save_checkpoint(ckpt, state)
     other, *_ = build(*resumed, learnable=False)
     with pytest.raises(LoraFileError, match=pattern):
         loop.Trainer(other, brightness, PROMPTS, cfg, checkpoint_path=ckpt)

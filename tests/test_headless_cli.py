@@ -287,3 +287,33 @@ def test_other_families_end_to_end(family, encoders, prefixes, tmp_path, loras_d
     _, stock_clip = stock_lora_loader(d["clip"], path.name, 1.0)
     cond, _ = encode(stock_clip, "a red apple")
     torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resuming_with_another_model_or_encoder_choice_is_refused(tmp_path):
+    """The checkpoint records the family and trained encoders; a resume on another names both."""
+    from diffusers_builders import write_tiny
+
+    loop = importlib.import_module(f"{pack.__name__}.training.loop")
+    config = importlib.import_module(f"{pack.__name__}.training.config")
+    checkpoint = importlib.import_module(f"{pack.__name__}.training.checkpoint")
+    import yaml
+
+    cfg = config.make_config("texforce", **{**{k: yaml.safe_load(v) for k, v in (s.split("=") for s in SETTINGS)},
+                                             "epochs": 1})
+    d = write_tiny(tmp_path / "sdxl", "sdxl")
+    pipe = dhost.load_pipeline(d["checkpoint"], config=d["config"])
+    ckpt = tmp_path / "checkpoint.pt"
+    host = dhost.DiffusersHost(pipe, rank=4, alpha=4.0, encoders=["clip_g"])
+    loop.Trainer(host, lambda im, p: im.mean(dim=(1, 2, 3)), ["a red apple"], cfg, checkpoint_path=ckpt).run()
+    assert torch.load(ckpt, weights_only=True)["model"] == {"family": "sdxl", "encoders": ["clip_g"]}
+
+    with pytest.raises(ValueError, match="already carries a TexForce LoRA"):
+        dhost.DiffusersHost(pipe, rank=4, alpha=4.0)
+    both = dhost.DiffusersHost(dhost.load_pipeline(d["checkpoint"], config=d["config"]), rank=4, alpha=4.0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"it trained the CLIP-G of SDXL \(CLIP-L \+ CLIP-G\), but "
+                       r"this run trains the CLIP-G \+ CLIP-L of SDXL"):
+        loop.Trainer(both, lambda im, p: im.mean(dim=(1, 2, 3)), ["a red apple"], cfg, checkpoint_path=ckpt)
+    sd1 = write_tiny(tmp_path / "sd1", "sd1")
+    other = dhost.DiffusersHost(dhost.load_pipeline(sd1["checkpoint"], config=sd1["config"]), rank=4, alpha=4.0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"this run trains the CLIP-L of SD 1.x \(CLIP-L\)"):
+        loop.Trainer(other, lambda im, p: im.mean(dim=(1, 2, 3)), ["a red apple"], cfg, checkpoint_path=ckpt)

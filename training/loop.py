@@ -30,12 +30,13 @@ from typing import Any, Callable
 import torch
 
 from .advantages import PerPromptStatTracker, compute_advantages, finite_mask
-from .checkpoint import check_config, load_checkpoint, prompts_digest, save_checkpoint
+from .checkpoint import CheckpointError, check_config, load_checkpoint, prompts_digest, save_checkpoint
 from .config import (TrainConfig, config_to_dict, total_optimizer_steps, train_timesteps, validate,
                      warmup_steps)
 from .ddim import ddim_schedule, ddim_step
 from .distributed import SingleProcess
 from .host import Cond, Host
+from .lora.family import encoders_label, family_label
 from .losses import PolicyLoss, dpok_kl, ppo_clip_loss, sf_loss
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class Trainer:
         if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
             state = load_checkpoint(checkpoint_path)
             check_config(state["config"], cfg)
+            self._check_model(state.get("model"), checkpoint_path)
             if state.get("prompts_sha256") != prompts_digest(self.prompts):
                 log.warning("resuming %s with a different prompt list than it was trained on", checkpoint_path)
             self.load_state_dict(state)
@@ -239,6 +241,20 @@ class Trainer:
                 self.load_state_dict(self._snapshot)
                 raise
         return done
+
+    def _model_identity(self) -> dict[str, Any] | None:
+        """The family and trained encoders of the host's model, when the host says (both hosts do)."""
+        family, encoders = getattr(self.host, "family", None), getattr(self.host, "encoders", None)
+        return {"family": family, "encoders": sorted(encoders)} if family and encoders else None
+
+    def _check_model(self, saved: dict[str, Any] | None, path) -> None:
+        here = self._model_identity()
+        if saved and here and saved != here:
+            def label(m: dict) -> str:
+                return f"{encoders_label(m['encoders'])} of {family_label(m['family'], m['family'])}"
+            raise CheckpointError(f"cannot resume {path}: it trained the {label(saved)}, but this run trains the "
+                                  f"{label(here)}. Use the model and text-encoder choice it was trained with, or "
+                                  "start a new run (another name / output folder, or resume off).")
 
     def _finish_epoch(self, stats: EpochStats) -> None:
         self.history.append(stats.as_dict())
@@ -561,6 +577,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "history": list(self.history),
             "prompts_sha256": prompts_digest(self.prompts),
+            **({"model": self._model_identity()} if self._model_identity() else {}),
             # a reward with running statistics (a normalised mix) keeps its scale across a resume
             **({"reward_state": self.reward_fn.state_dict()} if hasattr(self.reward_fn, "state_dict") else {}),
         })

@@ -158,6 +158,10 @@ class DiffusersHost:
         # peft LoRA layers on q/k/v/out of every layer of each trained encoder
         self._layers: dict[tuple[str, str], torch.nn.Module] = {}
         shapes = {}
+        for te, _ in self.text_encoders:
+            if ADAPTER in (getattr(te, "peft_config", None) or {}):
+                raise ValueError("this pipeline already carries a TexForce LoRA (another DiffusersHost was built on "
+                                 "it); load the pipeline again for a new host")
         for te, enc in self.text_encoders:
             if enc not in self.encoders:
                 continue
