@@ -369,3 +369,30 @@ def test_step_over_ranks_sums_gradients_and_leaves_gradientless_parameters_alone
     # got no weight decay, exactly as on one process (AdamW skips parameters whose grad is None)
     assert info["grad_norm"][0] == pytest.approx(2 * used.numel() ** 0.5, rel=1e-5)
     assert torch.equal(unused.detach(), before)
+
+
+@pytest.mark.parametrize("total,per_step", [(16, 4), (8, 2), (15, 4), (7, 8), (1, 4)])
+def test_step_groups_cover_every_sample_once_and_split_evenly_over_contiguous_shares(total, per_step):
+    from texforce_pack.training.loop import step_groups
+
+    groups = step_groups(total, per_step, torch.Generator().manual_seed(0))
+    assert len(groups) == -(-total // per_step)
+    assert sorted(torch.cat(groups).tolist()) == list(range(total))
+    assert all(len(g) <= per_step for g in groups)
+    if total % per_step == 0:
+        for world in (w for w in (1, 2, 4) if per_step % w == 0):
+            share = total // world
+            for g in groups:  # each rank's contiguous share holds exactly per_step / world members of every step
+                assert torch.bincount(g // share, minlength=world).tolist() == [per_step // world] * world
+
+
+def test_step_groups_are_random():
+    from texforce_pack.training.loop import step_groups
+
+    a = step_groups(16, 4, torch.Generator().manual_seed(0))
+    b = step_groups(16, 4, torch.Generator().manual_seed(1))
+    assert [g.tolist() for g in a] != [g.tolist() for g in b]
+    # a sample is not tied to a step: over many draws sample 0 lands in every step
+    seen = {next(i for i, g in enumerate(step_groups(16, 4, torch.Generator().manual_seed(s))) if 0 in g)
+            for s in range(40)}
+    assert seen == {0, 1, 2, 3}

@@ -127,6 +127,23 @@ def _leaves(cond: Cond) -> Cond:
     return {k: v.detach().requires_grad_(True) for k, v in cond.items()}
 
 
+def step_groups(total: int, per_step: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Split samples 0…total−1 into ⌈total/per_step⌉ random groups of (at most) per_step, one per optimizer step.
+
+    A stratified shuffle: the samples are cut into per_step consecutive blocks of S = ⌈total/per_step⌉ and each
+    block gives one random member to every group. Groups are as random as a plain shuffle for the gradient
+    (every sample is equally likely in every step), and with N processes holding contiguous shares, each rank
+    holds exactly per_step/N members of every group whenever N divides per_step, so no rank waits for
+    another at the gradient sum (a plain shuffle gives some ranks twice their share of a step). The groups
+    depend only on total, per_step and the generator, never on the number of processes.
+    """
+    S = -(-total // per_step)
+    slots = torch.stack([torch.randperm(S, generator=generator) for _ in range(per_step)])  # (block, position)
+    index = torch.arange(total)
+    step_of = slots[index // S, index % S]
+    return [index[step_of == s] for s in range(S)]
+
+
 def _mean(values: list[torch.Tensor]) -> float:
     return float(torch.stack(values).float().mean()) if values else 0.0
 
@@ -146,6 +163,11 @@ class Trainer:
         if cfg.images_per_epoch % self.dist.world_size:
             raise ValueError(f"images_per_epoch = {cfg.images_per_epoch} does not split over {self.dist.world_size} "
                              "processes: make it a multiple of the number of processes")
+        per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        if per_step % self.dist.world_size and self.dist.is_main:
+            log.warning("an optimizer step's %d images do not split evenly over %d processes: some ranks wait for "
+                        "others at every step; make train_batch_size × gradient_accumulation_steps a multiple of "
+                        "the number of processes", per_step, self.dist.world_size)
         self.host, self.reward_fn, self.cfg = host, reward_fn, cfg
         self.checkpoint_path = checkpoint_path
         self.on_epoch, self.should_stop = on_epoch, should_stop
@@ -363,11 +385,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def train_on(self, batch: Trajectory, offset: int = 0, total: int | None = None) -> dict[str, Any]:
         """One epoch's training on a sampled batch with advantages: num_inner_epochs passes over the epoch's
-        samples in shuffled groups of train_batch_size × gradient_accumulation_steps, one optimizer step per
-        group, each group back-propagated in micro-batches of at most train_batch_size.
+        samples in random groups of train_batch_size × gradient_accumulation_steps (see `step_groups`), one
+        optimizer step per group, each group back-propagated in micro-batches of at most train_batch_size.
 
         With several processes, `batch` is this rank's share: samples offset … offset+len(batch)−1 of the
-        `total` kept samples of the epoch. The shuffle and the timesteps are drawn for all `total` samples
+        `total` kept samples of the epoch. The groups and the timesteps are drawn for all `total` samples
         (the same on every rank), each rank back-propagates the members of a group it holds, and the
         gradients are summed over ranks before the step: the same groups, steps and result as one process.
         Call inside host.training(); `run` does."""
@@ -380,10 +402,10 @@ class Trainer:
                                 "ratio_errors": [], "updated": False}
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.num_inner_epochs):
-            order = torch.randperm(total, generator=self.gen_train)
+            groups = step_groups(total, per_step, self.gen_train)
             # DDPO: a random subset of K timesteps per sample, the j-th column trained at micro-step j
             columns = torch.rand(total, steps, generator=self.gen_train).argsort(dim=1)[:, :self.K]
-            for group in order.split(per_step):
+            for group in groups:
                 mine = group[(group >= offset) & (group < offset + n)]
                 for idx in (mine.split(cfg.train_batch_size) if len(mine) else ()):  # (split of [] gives [[]])
                     scale = len(idx) / (per_step * self.K)
