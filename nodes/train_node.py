@@ -20,7 +20,7 @@ from ..training.checkpoint import prompts_digest
 from ..training.config import PRESETS, ConfigError, config_to_dict, make_config
 from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora, save_kohya
-from ..training.lora.family import ENCODER_LABELS, family_label
+from ..training.lora.family import ENCODER_LABELS, family_label, native_size
 from ..training.lora.read import read_metadata
 from ..training.loop import Trainer, TrainingCancelled
 from . import progress
@@ -57,17 +57,13 @@ def _send(payload: dict) -> None:
 
 
 def native_resolution(model) -> int:
-    """The size the family's base models were trained at: SDXL 1024, SD 2.x v-prediction 768, else 512.
-
-    Sampling far below it gives images the reward never sees in use; far above it costs quadratically."""
+    """The family's native size (training/lora/family.py: native_size) for this MODEL."""
     base = model.model
     if isinstance(base, comfy.model_base.SDXL):
-        return 1024
-    sampling = model.get_model_object("model_sampling")
-    if type(getattr(base, "model_config", None)).__name__.startswith("SD2") and \
-            isinstance(sampling, comfy.model_sampling.V_PREDICTION):
-        return 768
-    return 512
+        return native_size("sdxl")
+    sd2 = type(getattr(base, "model_config", None)).__name__.startswith("SD2")
+    return native_size("sd2" if sd2 else "sd1",
+                       isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION))
 
 
 def check_resume_layout(lora_path: Path, run: str, family: str | None, encoders: list[str]) -> None:

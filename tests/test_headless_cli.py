@@ -317,3 +317,9 @@ def test_resuming_with_another_model_or_encoder_choice_is_refused(tmp_path):
     other = dhost.DiffusersHost(dhost.load_pipeline(sd1["checkpoint"], config=sd1["config"]), rank=4, alpha=4.0)
     with pytest.raises(checkpoint.CheckpointError, match=r"this run trains the CLIP-L of SD 1.x \(CLIP-L\)"):
         loop.Trainer(other, lambda im, p: im.mean(dim=(1, 2, 3)), ["a red apple"], cfg, checkpoint_path=ckpt)
+
+
+def test_headless_default_size_is_the_family_native_size():
+    family = importlib.import_module(f"{pack.__name__}.training.lora.family")
+    assert [family.native_size("sd1"), family.native_size("sd2"), family.native_size("sd2", True),
+            family.native_size("sdxl")] == [512, 512, 768, 1024]

@@ -28,6 +28,7 @@ import torch
 from .checkpoint import prompts_digest
 from .config import ConfigError, config_to_dict, make_config
 from .distributed import ProcessGroup, SingleProcess, device_for, init_from_env
+from .lora.family import native_size
 from .lora.keys import parse_state_dict
 from .lora.write import save_kohya
 from .loop import Trainer, TrainingCancelled
@@ -180,10 +181,7 @@ def run(settings: RunSettings, reward_factory: RewardFactory, dist: SingleProces
     """Load, train, save; returns the run's history. Every rank calls it; rank 0 writes the files."""
     from .hosts.diffusers import DiffusersHost, load_pipeline
 
-    try:
-        cfg = make_config(settings.preset, **settings.train)
-    except ConfigError as e:
-        raise SettingsError(f"train: {e}") from e
+    cfg = _config(settings)
     out = settings.path(settings.output)
     lora_path, ckpt = out / f"{settings.name}.safetensors", out / "checkpoint.pt"
     if Path(settings.name).name != settings.name or settings.name in ("", ".", ".."):
@@ -199,6 +197,9 @@ def run(settings: RunSettings, reward_factory: RewardFactory, dist: SingleProces
     pipe = load_pipeline(settings.path(settings.model), model_config, DTYPES[settings.dtype], device)
     host = DiffusersHost(pipe, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed, encoders=settings.encoders,
                          device=device)
+    if "height" not in settings.train and "width" not in settings.train:  # the family's native size
+        size = native_size(host.family, host.prediction_type == "v_prediction")
+        cfg = _config(settings, height=size, width=size)
     reward = reward_factory(settings.reward, base_dir=settings.base_dir, device=device,
                             normalize=settings.normalize_rewards)
     reward_name = getattr(reward, "name", type(reward).__name__)
@@ -240,6 +241,13 @@ def run(settings: RunSettings, reward_factory: RewardFactory, dist: SingleProces
     if dist.is_main:
         log.info("done: %d epochs in %.1fs; LoRA %s", trainer.epoch, time.time() - t0, lora_path)
     return trainer.history
+
+
+def _config(settings: RunSettings, **defaults: Any):
+    try:
+        return make_config(settings.preset, **{**defaults, **settings.train})
+    except ConfigError as e:
+        raise SettingsError(f"train: {e}") from e
 
 
 def _progress(total: int, dist):

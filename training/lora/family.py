@@ -32,6 +32,15 @@ def family_of_encoders(names: Iterable[str]) -> str | None:
     return None
 
 
+def native_size(family: str | None, v_prediction: bool = False) -> int:
+    """The image size a family's base models were trained at: SDXL 1024, SD 2.x v-prediction 768, else 512.
+
+    Sampling far below it gives images the reward never sees in use; far above it costs quadratically."""
+    if family == "sdxl":
+        return 1024
+    return 768 if family == "sd2" and v_prediction else 512
+
+
 def family_label(family: str | None, fallback: str = "an unknown model family") -> str:
     return FAMILY_LABELS.get(family or "", fallback)
 
