@@ -12,6 +12,7 @@ from conftest import pack, tiny_models
 from lora_builders import encode
 from test_family_training import PROMPTS, brightness, build, loop, randomise_lora, small_config
 from test_lora_loading import assert_same, run_loader, stock_lora_loader
+from test_train_comfy import assert_surrogate_gradient
 
 HEIGHT, WIDTH = 32, 48  # not square, so the order of SDXL's size embeddings is checked too
 
@@ -69,29 +70,7 @@ def test_clip_g_lora_gradient_equals_finite_differences_of_the_surrogate():
     host, *_ = build("sdxl", ["clip_g"])
     randomise_lora(host)
     tr = loop.Trainer(host, brightness, PROMPTS, small_config(loss="sf", height=HEIGHT, width=WIDTH))
-    with torch.inference_mode(False):
-        traj = tr.sample(PROMPTS, seed=5)
-        traj.advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
-        with host.training(), torch.enable_grad():
-            tr.backward_microbatch(traj, torch.arange(4), torch.arange(3).repeat(4, 1), 1.0 / 3)
-        params = host.trainable_parameters()
-        g = torch.Generator().manual_seed(2)
-        direction = [torch.randn(p.shape, generator=g) for p in params]
-        analytic = -sum(float((p.grad * d).sum()) for p, d in zip(params, direction))  # SF loss = −mean(A·log p)
-
-        def surrogate() -> float:
-            return float((traj.advantages.double()[:, None] * tr.log_probs(traj).double()).mean())
-
-        eps = 1e-3
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(eps * d)
-            plus = surrogate()
-            for p, d in zip(params, direction):
-                p.sub_(2 * eps * d)
-            minus = surrogate()
-    numeric = (plus - minus) / (2 * eps)
-    assert analytic == pytest.approx(numeric, rel=0.05), (analytic, numeric)
+    assert_surrogate_gradient(host, tr, eps=1e-3)
 
 
 def test_the_pooled_conditioning_gradient_equals_finite_differences():

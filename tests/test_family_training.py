@@ -18,11 +18,11 @@ from safetensors import safe_open
 from conftest import pack, tiny_models
 from lora_builders import encode
 from test_lora_loading import assert_same, stock_lora_loader
+from test_train_comfy import PROMPTS, brightness, randomise_lora
+from test_train_comfy import small_config as comfy_small_config
 
 ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
 loop = importlib.import_module(f"{pack.__name__}.training.loop")
-config = importlib.import_module(f"{pack.__name__}.training.config")
-PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow sun"]
 PROMPT = "a photo of a cat wearing a hat"
 
 # (family, encoders to train): None trains every encoder of the CLIP
@@ -34,10 +34,6 @@ LAYERS = {"clip_l": 3, "clip_h": 3, "clip_g": 4}  # tiny_models.WIDTHS
 SLOT_ENCODER = {("sd1", "te"): "clip_l", ("sd2", "te"): "clip_h", ("sdxl", "te1"): "clip_l", ("sdxl", "te2"): "clip_g"}
 
 
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
-
-
 def build(family: str, encoders=None, seed: int = 0, rank: int = 4, learnable: bool = True):
     """(host, model, clip, vae) under inference mode; learnable: fan-in weights so the prompt controls the image."""
     with torch.inference_mode():
@@ -47,17 +43,8 @@ def build(family: str, encoders=None, seed: int = 0, rank: int = 4, learnable: b
 
 
 def small_config(**kw):
-    base = dict(num_steps=3, timestep_fraction=1.0, images_per_epoch=4, images_per_prompt=1, sample_batch_size=4,
-                train_batch_size=4, gradient_accumulation_steps=1, height=32, width=32, epochs=3, lora_rank=4,
-                lora_alpha=4.0)
-    return config.make_config(kw.pop("preset", "texforce"), **{**base, **kw})
-
-
-def randomise_lora(host, std: float = 0.1, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(False), torch.no_grad():
-        for p in host.lora.up:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    """test_train_comfy's settings with the whole batch in one micro-batch."""
+    return comfy_small_config(**{"train_batch_size": 4, "gradient_accumulation_steps": 1, **kw})
 
 
 def unused_layers(family: str) -> set[tuple[str, int]]:

@@ -27,7 +27,7 @@ config = importlib.import_module(f"{pack.__name__}.training.config")
 PROMPTS = ["a red apple", "a blue car", "a red apple"]
 FAMILIES = ["sd2", "sdxl"]
 # SDXL: a non-square image, so that height and width in the size conditioning cannot be swapped unnoticed
-SIZE = {"sd2": (32, 32), "sdxl": (32, 48)}
+SIZE = {"sd1": (32, 32), "sd2": (32, 32), "sdxl": (32, 48)}
 ENCODER_CHOICES = {"sd2": [None, ["clip_h"]], "sdxl": [None, ["clip_l"], ["clip_g"]]}
 
 

@@ -13,6 +13,7 @@ import torch
 
 from conftest import pack
 from diffusers_builders import write_tiny_sd1
+from test_headless_families import _assert_same_gradients, _gradients
 
 ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
 dhost = importlib.import_module(f"{pack.__name__}.training.hosts.diffusers")
@@ -109,28 +110,4 @@ def test_same_decoded_images(pair):
 
 def test_same_gradients(pair):
     """One surrogate backward on each host: the LoRA gradients agree (same keys, same values)."""
-    cfg = config.make_config("texforce", num_steps=3, timestep_fraction=1.0, images_per_epoch=2, images_per_prompt=1,
-                             sample_batch_size=2, train_batch_size=2, gradient_accumulation_steps=1, height=32,
-                             width=32, epochs=1, lora_rank=4, lora_alpha=4.0)
-    grads = []
-    for h in pair:
-        tr = loop.Trainer(h, lambda im, p: im.mean(dim=(1, 2, 3)), PROMPTS[:2], cfg)
-        with torch.inference_mode(False):
-            traj = tr.sample(PROMPTS[:2], seed=5)
-            traj.advantages = torch.tensor([1.0, -1.0])
-            with h.training(), torch.enable_grad():
-                tr.optimizer.zero_grad()
-                tr.backward_microbatch(traj, torch.arange(2), torch.tensor([[0, 1, 2], [2, 1, 0]]), 1.0)
-        named = dict(zip(_param_names(h), [p.grad.detach().float().cpu().clone() for p in h.trainable_parameters()]))
-        grads.append(named)
-    assert grads[0].keys() == grads[1].keys()
-    norm = sum(float(g.norm()) for g in grads[0].values())
-    assert norm > 0
-    for other in grads[1:]:
-        for k in grads[0]:
-            torch.testing.assert_close(other[k], grads[0][k], rtol=2e-3, atol=1e-6 * norm)
-
-
-def _param_names(host) -> list[str]:
-    keys = host.lora.keys if hasattr(host, "lora") else host._staging.keys
-    return [f"down:{k}" for k in keys] + [f"up:{k}" for k in keys]
+    _assert_same_gradients(_gradients(pair, "sd1"))

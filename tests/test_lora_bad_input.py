@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import pack, tiny_models
 from lora_builders import as_kohya, encode, hand_applied, random_lora, write_peft_folder

@@ -67,12 +67,9 @@ def test_one_backward_reaches_only_the_lora():
     assert all(p.grad is None for p in frozen)
 
 
-def test_gradient_equals_finite_differences_of_the_surrogate():
-    """The whole ComfyUI gradient path (LoRA wrappers, CLIP, sampling_function, U-Net, fp32 log-prob)."""
-    host, *_ = build(learnable=True)
-    randomise_lora(host)
-    tr = loop.Trainer(host, brightness, PROMPTS, small_config(loss="sf", train_batch_size=4,
-                                                             gradient_accumulation_steps=1))
+def assert_surrogate_gradient(host, tr, eps: float) -> None:
+    """One score-function backward on a fixed batch equals central differences of the surrogate Σ A·log p
+    along a random direction of the LoRA parameters."""
     with torch.inference_mode(False):
         traj = tr.sample(PROMPTS, seed=5)
         traj.advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
@@ -86,7 +83,6 @@ def test_gradient_equals_finite_differences_of_the_surrogate():
         def surrogate() -> float:
             return float((traj.advantages.double()[:, None] * tr.log_probs(traj).double()).mean())
 
-        eps = 3e-5
         with torch.no_grad():
             for p, d in zip(params, direction):
                 p.add_(eps * d)
@@ -96,6 +92,15 @@ def test_gradient_equals_finite_differences_of_the_surrogate():
             minus = surrogate()
     numeric = (plus - minus) / (2 * eps)
     assert analytic == pytest.approx(numeric, rel=0.05), (analytic, numeric)
+
+
+def test_gradient_equals_finite_differences_of_the_surrogate():
+    """The whole ComfyUI gradient path (LoRA wrappers, CLIP, sampling_function, U-Net, fp32 log-prob)."""
+    host, *_ = build(learnable=True)
+    randomise_lora(host)
+    tr = loop.Trainer(host, brightness, PROMPTS, small_config(loss="sf", train_batch_size=4,
+                                                             gradient_accumulation_steps=1))
+    assert_surrogate_gradient(host, tr, eps=3e-5)
 
 
 def test_ratio_is_exactly_one_and_a_ppo_update_raises_the_surrogate():

@@ -13,7 +13,6 @@ browsers are never downloaded. Without chromium or the playwright package the te
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re

@@ -23,7 +23,6 @@ from typing import Iterator
 import torch
 
 import comfy.clip_model
-import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
