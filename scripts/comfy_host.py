@@ -49,7 +49,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 log = logging.getLogger("texforce.comfy_host")
 

@@ -12,7 +12,6 @@ tiny-checkpoint node for "Load Checkpoint".
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
