@@ -396,3 +396,27 @@ def test_step_groups_are_random():
     seen = {next(i for i, g in enumerate(step_groups(16, 4, torch.Generator().manual_seed(s))) if 0 in g)
             for s in range(40)}
     assert seen == {0, 1, 2, 3}
+
+
+def test_evaluating_with_a_reward_mix_leaves_its_statistics_alone():
+    """Evaluation scores a normalised mix on the statistics it has plus the evaluated batch, then puts them back:
+    training after an evaluation is the same as without it."""
+    from texforce_pack.rewards.mix import RewardMix
+
+    def contrast(images, prompts):
+        return images.std(dim=(1, 2, 3))
+
+    def run(evaluate: bool):
+        mix = RewardMix([brightness, contrast], [1.0, 0.5])
+        tr = trainer(reward=mix)
+        tr.run(1)
+        before = mix.state_dict()
+        if evaluate:
+            scores = tr.evaluate(PROMPTS, seed=7)
+            assert scores.shape == (4,) and torch.isfinite(scores).all() and scores.std() > 0
+            assert mix.state_dict() == before
+        tr.run(2)
+        return tr.host.lora_state(), mix.state_dict()
+
+    (lora_a, stats_a), (lora_b, stats_b) = run(False), run(True)
+    assert lora_equal(lora_a, lora_b) and stats_a == stats_b

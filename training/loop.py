@@ -582,7 +582,14 @@ class Trainer:
     def _fixed_noise_sample(self, prompts: list[str], seed: int, lora: bool) -> Trajectory:
         base = self._draw_seed(torch.Generator().manual_seed(int(seed)))
         with torch.inference_mode(False), torch.no_grad(), self.host.lora_enabled(lora):
-            return self.sample(list(prompts), base, keep=False)
+            traj = self.sample(list(prompts), base, keep=False, raw_components=True)
+        if traj.rewards.ndim == 2:  # a mix: scored on its statistics, which evaluation must not move
+            saved = _clone(self.reward_fn.state_dict())
+            try:
+                traj.rewards = self._combine(traj.rewards)
+            finally:
+                self.reward_fn.load_state_dict(saved)
+        return traj
 
     # ------------------------------------------------------------------------------------------
     # State
