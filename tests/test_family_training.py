@@ -18,7 +18,7 @@ from safetensors import safe_open
 from conftest import pack, tiny_models
 from lora_builders import encode
 from test_lora_loading import assert_same, stock_lora_loader
-from test_train_comfy import PROMPTS, brightness, randomise_lora
+from test_train_comfy import PROMPTS, assert_ratio_one_and_update_raises_surrogate, brightness, randomise_lora
 from test_train_comfy import small_config as comfy_small_config
 
 ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
@@ -59,17 +59,7 @@ def test_ratio_is_exactly_one_and_a_ppo_update_raises_the_surrogate(family, enco
     host, *_ = build(family, encoders)
     randomise_lora(host, std=0.05)
     tr = loop.Trainer(host, brightness, PROMPTS, small_config(lr=1e-3, clip_range=10.0))
-    with torch.inference_mode(False):
-        traj = tr.sample(PROMPTS, seed=7)
-        traj.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-        before = tr.log_probs(traj)
-        assert torch.equal(before, traj.log_probs), "re-scoring the stored trajectory must give the same log-probs"
-        with host.training(), torch.enable_grad():
-            info = tr.train_on(traj)
-        after = tr.log_probs(traj)
-    assert info["steps"] == 1 and max(float(e) for e in info["ratio_errors"]) == 0.0
-    gain = float((traj.advantages[:, None] * (after - before)).sum())
-    assert gain > 0, gain
+    assert_ratio_one_and_update_raises_surrogate(host, tr)
 
 
 @pytest.mark.parametrize("family,encoders", CASES, ids=IDS)

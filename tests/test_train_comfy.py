@@ -103,11 +103,9 @@ def test_gradient_equals_finite_differences_of_the_surrogate():
     assert_surrogate_gradient(host, tr, eps=3e-5)
 
 
-def test_ratio_is_exactly_one_and_a_ppo_update_raises_the_surrogate():
-    host, *_ = build(learnable=True)
-    randomise_lora(host, std=0.05)
-    cfg = small_config(lr=1e-3, train_batch_size=4, gradient_accumulation_steps=1, clip_range=10.0)
-    tr = loop.Trainer(host, brightness, PROMPTS, cfg)
+def assert_ratio_one_and_update_raises_surrogate(host, tr) -> None:
+    """Re-scoring a sampled trajectory gives its stored log-probs exactly (ratio 1 before the update), and one
+    PPO update raises Σ A·Δlog p."""
     with torch.inference_mode(False):
         traj = tr.sample(PROMPTS, seed=7)
         traj.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -119,6 +117,13 @@ def test_ratio_is_exactly_one_and_a_ppo_update_raises_the_surrogate():
     assert info["steps"] == 1 and max(float(e) for e in info["ratio_errors"]) == 0.0
     gain = float((traj.advantages[:, None] * (after - before)).sum())
     assert gain > 0, gain
+
+
+def test_ratio_is_exactly_one_and_a_ppo_update_raises_the_surrogate():
+    host, *_ = build(learnable=True)
+    randomise_lora(host, std=0.05)
+    cfg = small_config(lr=1e-3, train_batch_size=4, gradient_accumulation_steps=1, clip_range=10.0)
+    assert_ratio_one_and_update_raises_surrogate(host, loop.Trainer(host, brightness, PROMPTS, cfg))
 
 
 def test_encode_once_gives_the_same_gradient_as_reencoding_every_timestep():

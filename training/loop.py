@@ -606,7 +606,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "history": list(self.history),
             "prompts_sha256": prompts_digest(self.prompts),
-            **({"model": self._model_identity()} if self._model_identity() else {}),
+            "model": self._model_identity(),  # None for a host that does not say
             # a reward with running statistics (a normalised mix) keeps its scale across a resume
             **({"reward_state": self.reward_fn.state_dict()} if hasattr(self.reward_fn, "state_dict") else {}),
         })
