@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+RELEASE_CONFIGS = Path(__file__).resolve().parent / "data" / "texforce_release"  # the official releases' configs
 ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 PROMPT = "a photo of a cat wearing a hat"
 
@@ -95,7 +95,7 @@ def write_peft_folder(folder: Path, mods, lora_alpha: float, r: int, weights: st
     else:
         save_file(sd, folder / weights)
     if config:
-        cfg = json.loads((SHARED / "data/texforce_release/sd15_texforce/adapter_config.json").read_text())
+        cfg = json.loads((RELEASE_CONFIGS / "sd15_texforce" / "adapter_config.json").read_text())
         cfg.update(r=r, lora_alpha=lora_alpha)
         (folder / "adapter_config.json").write_text(json.dumps(cfg))
     return folder / weights

@@ -5,7 +5,7 @@
   (the tokenizer is the real CLIP BPE vocabulary that ships with ComfyUI).
 - HPS v2.1: `HPS_v2.1_compressed.pt`, a torch pickle {"state_dict": open_clip model state dict}, for a tiny
   open_clip config registered under TINY_OPENCLIP (the real file is a ViT-H-14).
-- The aesthetic head is the real published file from ../shared/data/aesthetic/.
+- The aesthetic head is the real published file, shipped with the tests in tests/data/aesthetic/ (see its README).
 - ImageReward: `ImageReward.pt`, a torch pickle of the state dict under THUDM's key names (BLIP ViT + BERT with
   cross-attention + MLP head, tiny widths), with `med_config.json` beside it and a `bert-base-uncased/`
   tokenizer folder whose WordPiece vocab.txt is written by hand.
@@ -20,7 +20,7 @@ import torch
 
 from conftest import COMFY_DIR, REPO
 
-AESTHETIC_HEAD_FILE = REPO.parent / "shared" / "data" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_FILE = REPO / "tests" / "data" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
 TINY_OPENCLIP = "texforce-tiny-openclip"
 
 
