@@ -20,8 +20,8 @@ from conftest import tiny_models
 from lora_builders import as_kohya, random_lora, write_peft_folder
 from reward_builders import AESTHETIC_HEAD_FILE, reward_models_folder
 from safetensors.torch import save_file
-from workflow_api import (UnknownNodeType, check_ui_workflow, missing_node_types, node_types, nodes_of, set_inputs,
-                          substitute, to_api, widget_values)
+from workflow_api import (UnknownNodeType, check_ui_workflow, is_control_value, missing_node_types, node_types,
+                          nodes_of, set_inputs, substitute, to_api, widget_values)
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
@@ -155,6 +155,26 @@ def test_workflow_converter_details():
     # list values are wrapped as the frontend does (a bare list would mean a link)
     wf["nodes"][0]["widgets_values"] = [["x", "y"]]
     assert to_api(wf, FAKE_INFO)["1"]["inputs"]["ckpt_name"] == {"__value__": ["x", "y"]}
+
+
+@pytest.mark.parametrize("control", [True, False, "fixed", "increment", "decrement", "randomize"])
+def test_workflow_converter_accepts_every_saved_seed_control(control):
+    """The frontend saves a seed's control_after_generate as one of its modes, or as true/false in workflows
+    from before the modes (comfyui-workflow-templates 0.1.95's default.json has `True`): all convert alike."""
+    wf = hand_written_workflow()
+    wf["nodes"][2]["widgets_values"][2] = control
+    assert check_ui_workflow(wf, FAKE_INFO) == []
+    assert to_api(wf, FAKE_INFO) == to_api(hand_written_workflow(), FAKE_INFO)
+    assert is_control_value(control)
+
+
+def test_workflow_checker_flags_values_shifted_into_a_control_slot():
+    wf = hand_written_workflow()
+    wf["nodes"][2]["widgets_values"] = list(wf["nodes"][2]["widgets_values"])  # node 9 shares the list
+    wf["nodes"][2]["widgets_values"][2] = 20  # e.g. a workflow saved without the control value: steps moved up
+    problems = check_ui_workflow(wf, FAKE_INFO)
+    assert len(problems) == 1 and "control_after_generate = 20: not one of fixed, increment" in problems[0]
+    assert not any(is_control_value(v) for v in (20, None, "random", ["fixed"], 1))
 
 
 def test_workflow_substitute_keeps_ids_and_links():
@@ -346,9 +366,15 @@ def _default_template() -> Path | None:
     return None
 
 
-def test_workflow_converter_on_comfyuis_default_template(server, object_info):
-    """ComfyUI's own text-to-image template, as its frontend saved it, converts and runs."""
-    path = _default_template()
+# comfyui-workflow-templates 0.1.95's default.json (GPL-3.0, as ComfyUI): its seed control is saved as `True`
+OLD_DEFAULT_TEMPLATE = REPO / "tests" / "data" / "workflows" / "comfyui_default_template_0.1.95.json"
+
+
+@pytest.mark.parametrize("which", ["installed", "0.1.95"])
+def test_workflow_converter_on_comfyuis_default_template(server, object_info, which):
+    """ComfyUI's own text-to-image template, as its frontend saved it, converts and runs: the one installed
+    with ComfyUI and an older release's (whose seed control value is a legacy boolean)."""
+    path = _default_template() if which == "installed" else OLD_DEFAULT_TEMPLATE
     if path is None:
         pytest.skip("comfyui_workflow_templates is not installed")
     wf = load(path)
@@ -357,7 +383,7 @@ def test_workflow_converter_on_comfyuis_default_template(server, object_info):
         "CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage"}
     (_, ks), = nodes_of(api, "KSampler")
     saved = next(n for n in wf["nodes"] if n["type"] == "KSampler")["widgets_values"]
-    assert saved[1] in ("randomize", "fixed", "increment", "decrement")  # the control value that is skipped
+    assert is_control_value(saved[1])  # the control value that is skipped ("randomize", or True in older templates)
     assert [ks["inputs"][k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")] == \
         [saved[0], *saved[2:]]
     for_tiny_model(api, {})

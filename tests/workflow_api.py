@@ -11,9 +11,11 @@ Test helper (not a test module). ``to_api(workflow, object_info)`` gives the ``{
   widget types, unless ``forceInput`` is set; ``widgetType`` overrides the type. Link-only types
   (MODEL, CLIP, ...) have no value. Some widgets are followed by values that are not inputs:
   an INT whose spec has ``control_after_generate`` (or, without that key, is named ``seed`` /
-  ``noise_seed``) by the ``control_after_generate`` value ("randomize", "fixed", ...); a COMBO with
-  ``control_after_generate`` by that and a ``control_filter_list`` string; and a node with an image /
-  video upload combo gets an ``upload`` widget last. Those are skipped. A linked widget input takes the
+  ``noise_seed``) by the ``control_after_generate`` value ("fixed", "increment", "decrement" or
+  "randomize"; workflows saved before those modes existed hold ``true``/``false`` there, which the frontend
+  still loads as "randomize"/"fixed", and templates still ship them, e.g. comfyui-workflow-templates 0.1.95's
+  default.json); a COMBO with ``control_after_generate`` by that and a ``control_filter_list`` string; and a
+  node with an image / video upload combo gets an ``upload`` widget last. Those are skipped. A linked widget input takes the
   link instead of its value (its value is still in ``widgets_values``, so the order is unchanged).
 * Nodes with mode 2 (muted, "never") are left out and inputs linked to them dropped; mode 4
   (bypassed) nodes are left out and a link from one of their outputs is followed through their first
@@ -41,6 +43,10 @@ REROUTE_TYPES = frozenset({"Reroute"})
 PRIMITIVE_TYPES = frozenset({"PrimitiveNode"})
 VIRTUAL_TYPES = NOTE_TYPES | REROUTE_TYPES | PRIMITIVE_TYPES
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+# Values in widgets_values that are not inputs, as widget_layout marks them.
+CONTROL, FILTER, UPLOAD = "<control>", "<filter>", "<upload>"
+# The control_after_generate modes (the frontend's valueControl combo).
+CONTROL_MODES = ("fixed", "increment", "decrement", "randomize")
 # What the frontend's workflow schema (zComfyNode in workflowSchema.ts) requires of every node.
 NODE_KEYS = ("id", "type", "pos", "size", "flags", "order", "mode", "properties")
 _UPLOAD_FLAGS = ("image_upload", "video_upload", "animated_image_upload")
@@ -123,20 +129,25 @@ def extra_values_after(name: str, spec: Any) -> int:
     return 0
 
 
+def is_control_value(value: Any) -> bool:
+    """Whether a saved control_after_generate value is one the frontend loads: a mode, or a legacy boolean."""
+    return isinstance(value, bool) or (isinstance(value, str) and value in CONTROL_MODES)
+
+
 def widget_layout(node_info: Mapping, extra_widget_types: Iterable[str] = ()) -> list[tuple[str | None, Any]]:
-    """One entry per value in ``widgets_values``: (input name, spec), or (None, None) for a value that is
-    not an input (seed control, combo filter, upload button)."""
+    """One entry per value in ``widgets_values``: (input name, spec), or (None, CONTROL / FILTER / UPLOAD) for
+    a value that is not an input (seed control, combo filter, upload button)."""
     layout: list[tuple[str | None, Any]] = []
     upload = False
     for name, spec, _opt in ordered_inputs(node_info):
         if not is_widget(spec, extra_widget_types):
             continue
         layout.append((name, spec))
-        layout += [(None, None)] * extra_values_after(name, spec)
+        layout += [(None, CONTROL), (None, FILTER)][:extra_values_after(name, spec)]
         if not _opt and input_type(spec) == "COMBO" and any(input_options(spec).get(f) for f in _UPLOAD_FLAGS):
             upload = True
     if upload:  # Comfy.UploadImage adds required["upload"]; not in input_order, so it comes last
-        layout.append((None, None))
+        layout.append((None, UPLOAD))
     return layout
 
 
@@ -401,10 +412,14 @@ def check_ui_workflow(workflow: Mapping, object_info: Mapping) -> list[str]:
         layout = widget_layout(info)
         if isinstance(saved, list) and len(saved) != len(layout):
             problems.append(f"node {nid} ({t}): {len(saved)} widgets_values, the definition has {len(layout)} "
-                            f"({[n or '<control>' for n, _ in layout]})")
+                            f"({[n or marker for n, marker in layout]})")
         elif isinstance(saved, list):
             for value, (name, spec) in zip(saved, layout):
                 if name is None:
+                    if spec == CONTROL and not is_control_value(value):
+                        problems.append(f"node {nid} ({t}): control_after_generate = {value!r}: not one of "
+                                        f"{', '.join(CONTROL_MODES)} (or a legacy true/false); the widget values "
+                                        "are probably shifted")
                     continue
                 problem = _value_problem(value, spec)
                 if problem:
