@@ -24,8 +24,8 @@ Library use (stdlib only, any python3 >= 3.10)::
 CLI::
 
     python3 scripts/comfy_host.py ensure | python | comfy-dir
-    python3 scripts/comfy_host.py start --base DIR [--nodes DIR ...] [--pack] [--port P]
-    python3 scripts/comfy_host.py stop --pid PID
+    python3 scripts/comfy_host.py start --base DIR [--nodes DIR ...] [--pack] [--port P] [--state FILE]
+    python3 scripts/comfy_host.py stop --pid PID | --state FILE
 """
 
 from __future__ import annotations
@@ -209,6 +209,11 @@ def _build(env: Path, repo_root: Path) -> None:
     (env / "READY").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
+def is_ready(repo_root: Path = REPO_ROOT) -> bool:
+    """Whether the cached environment is built (``ensure`` will then return at once)."""
+    return _is_ready(env_dir(repo_root))
+
+
 def ensure(repo_root: Path = REPO_ROOT) -> Path:
     """Build the cached environment if needed; return its directory. Instant when built."""
     env = env_dir(repo_root)
@@ -312,13 +317,60 @@ def _parent_death_preexec():
     return preexec
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on host:port (ComfyUI binds with SO_REUSEADDR, so TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on TCP ``port`` (Linux /proc; empty elsewhere)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT, st 0A is LISTEN, inode is the 10th field
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def owns_port(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds the socket listening on ``port``; None where /proc cannot tell."""
+    if not os.path.isdir(f"/proc/{pid}/fd") or not os.path.exists("/proc/net/tcp"):
+        return None
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            r.read()
-            return r.status == 200
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
+
+
+def _answers_as(url: str, argv: Sequence[str], timeout: float = 2.0) -> bool:
+    """Whether the server at ``url`` answers /system_stats and was started with exactly ``argv``."""
+    try:
+        with urllib.request.urlopen(url + "/system_stats", timeout=timeout) as r:
+            stats = json.loads(r.read().decode("utf-8"))
     except (urllib.error.URLError, OSError, ValueError):
         return False
+    return isinstance(stats, dict) and (stats.get("system") or {}).get("argv") == list(argv)
 
 
 def start(
@@ -335,6 +387,10 @@ def start(
     ``custom_node_dirs`` are folders *containing* custom-node packs (as ComfyUI's own
     custom_nodes folder does). With ``owned`` (the default) the server is stopped when this
     process exits (atexit, and on Linux also if this process is killed); the CLI passes False.
+
+    The port must be free: the server is ready when it answers ``/system_stats`` with this start's own
+    command line and (Linux) holds the listening socket itself, so another server on that port is never
+    mistaken for it.
     """
     env_path = ensure()
     py, comfy = _venv_python(env_path), env_path / "ComfyUI"
@@ -343,6 +399,9 @@ def start(
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
     extra = write_extra_paths(base_dir / "extra_model_paths.yaml", custom_node_dirs)
     port = port or free_port()
+    if port_in_use(port):
+        raise RuntimeError(f"port {port} on 127.0.0.1 is already in use by another program: stop it, or choose "
+                           "another port")
     log_path = base_dir / "server.log"
     cmd = [
         str(py), str(comfy / "main.py"),
@@ -360,7 +419,7 @@ def start(
     run_env.pop("PYTHONPATH", None)  # the venv must see its own packages only
     if env:
         run_env.update(env)
-    log.info("starting ComfyUI on 127.0.0.1:%d (base %s)", port, base_dir)
+    log.info("starting ComfyUI on 127.0.0.1:%d (base %s, log %s)", port, base_dir, log_path)
     t0 = time.monotonic()
     with open(log_path, "ab") as logf:
         logf.write(f"$ {' '.join(cmd)}\n".encode())
@@ -378,16 +437,20 @@ def start(
     server = Server(pid=proc.pid, port=port, url=f"http://127.0.0.1:{port}", log_path=log_path, proc=proc)
     if owned:
         _owned_servers.append(server)
-    deadline = t0 + timeout
+    deadline, next_note = t0 + timeout, t0 + 15
     try:
         while True:
-            if _http_ok(server.url + "/system_stats"):
+            if _answers_as(server.url, cmd[1:]) and owns_port(proc.pid, port) is not False and proc.poll() is None:
                 break
             rc = proc.poll()
             if rc is not None:
                 raise RuntimeError(f"ComfyUI exited with status {rc} during start-up; tail of {log_path}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s; tail of {log_path}:\n{server.log_tail()}")
+            if now >= next_note:
+                log.info("  still starting (%.0f s; ComfyUI loads its nodes, then answers) ...", now - t0)
+                next_note = now + 15
             time.sleep(0.2)
     except BaseException:
         stop(server)
@@ -451,6 +514,26 @@ def _wait_group(pgid: int, proc: subprocess.Popen | None, timeout: float) -> boo
         time.sleep(0.05)
 
 
+def is_comfy_server(pid: int, base_dir: Path | None = None) -> bool | None:
+    """Whether live process ``pid`` is a ComfyUI server as ``start`` runs it (leading its own process group,
+    ``main.py --base-directory``, that base directory if given); None where /proc cannot tell."""
+    if not os.path.isdir("/proc"):
+        return None
+    st = _proc_stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if st[1] != pid or not any(a.endswith(b"main.py") for a in argv) or b"--base-directory" not in argv:
+        return False
+    if base_dir is None:
+        return True
+    given = argv[argv.index(b"--base-directory") + 1:][:1]
+    return given == [os.fsencode(os.path.abspath(base_dir))]
+
+
 def stop(server_or_pid: Server | int, timeout: float = 10.0) -> None:
     """SIGTERM the server's process group, wait up to ``timeout`` s, then SIGKILL it."""
     if isinstance(server_or_pid, Server):
@@ -462,16 +545,9 @@ def stop(server_or_pid: Server | int, timeout: float = 10.0) -> None:
     pgid = pid  # started with start_new_session=True: the server leads its own group
     if pid <= 1:
         raise ValueError(f"refusing to signal process group {pid}")
-    if proc is None and os.path.isdir("/proc"):
-        # A bare pid (CLI): refuse to signal the group of something that is not a ComfyUI server.
-        st = _proc_stat(pid)
-        if st is not None and st[0] not in ("Z", "X"):
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                argv = []
-            if st[1] != pgid or not any(a.endswith(b"main.py") for a in argv) or b"--base-directory" not in argv:
-                raise ValueError(f"process {pid} is not a ComfyUI server started by comfy_host; not signalling it")
+    # A bare pid (CLI): refuse to signal the group of something that is not a ComfyUI server.
+    if proc is None and _pid_alive(pid) and is_comfy_server(pid) is False:
+        raise ValueError(f"process {pid} is not a ComfyUI server started by comfy_host; not signalling it")
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
@@ -493,6 +569,37 @@ def _stop_owned_servers() -> None:
     for server in list(_owned_servers):
         with contextlib.suppress(Exception):
             stop(server)
+
+
+def write_state(server: Server, path: Path, base_dir: Path) -> Path:
+    """Record a detached server in a JSON file, so a later process can find and stop it (``recorded``)."""
+    path = Path(path)
+    path.write_text(json.dumps({"pid": server.pid, "port": server.port, "url": server.url,
+                                "log": str(server.log_path), "base": os.path.abspath(base_dir)}, indent=1) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def recorded(path: Path) -> Server | None:
+    """The server a ``write_state`` file records, if that process is still up and still the ComfyUI server
+    of that base directory (a reused pid is not); None otherwise."""
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        pid, port, url, log_path, base = (state["pid"], state["port"], state["url"], state["log"], state["base"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(pid, int) or pid <= 1 or not _pid_alive(pid) or is_comfy_server(pid, Path(base)) is False:
+        return None
+    return Server(pid=pid, port=int(port), url=str(url), log_path=Path(log_path))
+
+
+def stop_recorded(path: Path) -> Server | None:
+    """Stop the server a state file records (if it still runs) and remove the file; returns what was stopped."""
+    server = recorded(path)
+    if server is not None:
+        stop(server.pid)
+    Path(path).unlink(missing_ok=True)
+    return server
 
 
 def pack_link_dir(repo_root: Path, where: Path, name: str = PACK_LINK_NAME) -> Path:
@@ -531,8 +638,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pack", action="store_true", help=f"also load this repository (as {PACK_LINK_NAME})")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--timeout", type=float, default=180)
+    p.add_argument("--state", type=Path, default=None, help="record the server in this JSON file (for stop --state)")
     p = sub.add_parser("stop", help="stop a server started with 'start'")
-    p.add_argument("--pid", required=True, type=int)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pid", type=int)
+    which.add_argument("--state", type=Path, help="the JSON file 'start --state' wrote")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="comfy_host: %(message)s")
@@ -554,7 +664,12 @@ def _run_cli(args: argparse.Namespace) -> None:
         if args.pack:
             nodes.insert(0, pack_link_dir(REPO_ROOT, Path(args.base) / "pack_link"))
         srv = start(args.base, nodes, port=args.port, timeout=args.timeout, owned=False)
+        if args.state:
+            write_state(srv, args.state, args.base)
         print(json.dumps({"pid": srv.pid, "port": srv.port, "url": srv.url, "log": str(srv.log_path)}))
+    elif args.cmd == "stop" and args.state:
+        if stop_recorded(args.state) is None:
+            log.info("no server recorded in %s is running; nothing to stop", args.state)
     elif args.cmd == "stop":
         stop(args.pid)
 

@@ -1,6 +1,7 @@
 """The one-command demo: a real ComfyUI with this pack trains a text-encoder LoRA on a tiny embedded model.
 
-    make demo                      # or: <venv python> scripts/demo.py [--epochs N] [--stop]
+    make demo [ARGS="--epochs N"]   # or: python3 scripts/demo.py [--epochs N] [--port P]
+    make demo-stop                  # or: python3 scripts/demo.py --stop
 
 It starts ComfyUI (the cached environment of scripts/comfy_host.py) with this pack and the tiny model
 the project builds itself (tests/comfy_nodes: a v-prediction SD1-style model whose prompt controls the
@@ -8,27 +9,92 @@ image), runs the training workflow headless through /prompt against DDPO's JPEG 
 renders before/after images from the same seeds, and prints where everything is and the reward before
 and after. With a GPU and a real checkpoint, the same workflow runs with your model by swapping the
 tiny-checkpoint node for "Load Checkpoint".
+
+The server is left running (its URL, pid and log are printed) and recorded in <base>/demo_server.json;
+`--stop` stops that server, and a new demo stops it before starting its own. Any python3 can run this
+script: without torch it re-runs itself with the cached environment's python (building it the first time).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the client helper and the test-only tiny-model node live there
 sys.path.insert(0, str(REPO))
-from comfy_server import ComfyClient, comfy_host, start_test_server  # noqa: E402
-from rewards.jpeg import jpeg_kilobytes  # noqa: E402
+from comfy_server import ComfyClient, comfy_host, start_test_server  # noqa: E402  (stdlib only)
 
 log = logging.getLogger("texforce.demo")
+STATE_FILE = "demo_server.json"  # in the base directory: the server this demo left running
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (about 1-2 s each on 2 CPU cores)")
+    parser.add_argument("--base", type=Path, default=REPO / "demo_output", help="ComfyUI base directory for the demo")
+    parser.add_argument("--port", type=int, default=8188)
+    parser.add_argument("--stop", action="store_true",
+                        help="stop the ComfyUI server an earlier demo left running, and exit (needs no torch)")
+    return parser.parse_args(argv)
+
+
+def stop_demo(base: Path) -> int:
+    """Stop the server recorded in <base>/demo_server.json, if it is still that demo's ComfyUI."""
+    server = comfy_host.stop_recorded(Path(base) / STATE_FILE)
+    if server is None:
+        log.info("no demo server is running (nothing to stop)")
+    else:
+        log.info("stopped the demo's ComfyUI (pid %d, %s)", server.pid, server.url)
+    return 0
+
+
+def start_demo_server(base: Path, port: int) -> "comfy_host.Server":
+    """Start the demo's ComfyUI (stopping one an earlier demo left running) and record it for --stop."""
+    state = Path(base) / STATE_FILE
+    old = comfy_host.recorded(state)
+    if old is not None:
+        log.info("stopping the demo server an earlier run left running (pid %d, %s) ...", old.pid, old.url)
+        comfy_host.stop(old.pid)
+    state.unlink(missing_ok=True)
+    if not comfy_host.is_ready():
+        log.info("first run: building the ComfyUI environment (about 3 min, once) ...")
+    log.info("starting ComfyUI with TexForce on port %d (about 15 s) ...", port)
+    server = start_test_server(base, [REPO / "tests" / "comfy_nodes"], port=port, owned=False)
+    comfy_host.write_state(server, state, base)
+    log.info("ComfyUI's log (the training's progress goes there too): %s", server.log_path)
+    return server
+
+
+def _run_in_environment() -> None:
+    """Run by a python without torch (e.g. `python3 scripts/demo.py`): re-run this script with the cached
+    environment's python, building that environment first if needed."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    if not comfy_host.is_ready():
+        log.info("first run: building the ComfyUI environment (about 3 min, once) ...")
+    py = str(comfy_host.python_exe())
+    os.execv(py, [py, str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _early = parse_args()
+    if _early.stop:  # before the imports below: stopping needs no torch
+        sys.exit(stop_demo(_early.base))
+    _run_in_environment()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rewards.jpeg import jpeg_kilobytes  # noqa: E402
+
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car", "a house in the mountains"]
 EVAL_SEED = 1234
 
@@ -84,16 +150,12 @@ def side_by_side(before: torch.Tensor, after: torch.Tensor, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (about 1-2 s each on 2 CPU cores)")
-    parser.add_argument("--base", type=Path, default=REPO / "demo_output", help="ComfyUI base directory for the demo")
-    parser.add_argument("--port", type=int, default=8188)
-    parser.add_argument("--stop", action="store_true", help="stop the server at the end instead of leaving it running")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.stop:
+        return stop_demo(args.base)
     name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
-    log.info("starting ComfyUI with TexForce (first run builds the environment, ~3 min) ...")
-    server = start_test_server(args.base, [REPO / "tests" / "comfy_nodes"], port=args.port, owned=args.stop)
+    server = start_demo_server(args.base, args.port)
     client = ComfyClient(server.url)
     try:
         t0 = time.time()
@@ -116,14 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                  history[-1]["reward_mean"])
         log.info("evaluation (fixed seeds, %d prompts): JPEG size %.3f kB → %.3f kB (reward %.3f → %.3f)",
                  len(PROMPTS), kb_before.mean(), kb_after.mean(), -kb_before.mean(), -kb_after.mean())
-        if args.stop:
-            return 0
-        log.info("\nComfyUI is still running at %s (pid %d); stop it with: python3 scripts/comfy_host.py stop --pid %d",
-                 server.url, server.pid, server.pid)
+        log.info("\nComfyUI is still running at %s (pid %d); stop it with: make demo-stop  (or python3 scripts/demo.py "
+                 "--stop)", server.url, server.pid)
         return 0
-    finally:
-        if args.stop:
-            comfy_host.stop(server)
+    except BaseException:
+        log.error("\nthe demo did not finish; ComfyUI is still running at %s (pid %d, log %s); stop it with: "
+                  "make demo-stop", server.url, server.pid, server.log_path)
+        raise
 
 
 if __name__ == "__main__":
