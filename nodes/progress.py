@@ -2,7 +2,7 @@
 read-only JSON routes under /texforce/ that let a reloaded page redraw a run's chart.
 
     GET /texforce/runs          [{"run", "status", "epoch", "epochs", "updated"}, ...] (newest first)
-    GET /texforce/runs/{run}    one run with its per-epoch history (400: bad name, 404: unknown run)
+    GET /texforce/runs/{run}    one run with its per-epoch history (400: bad name, empty included; 404: unknown run)
 
 The routes only read this registry: they never open files and never return file-system paths. The registry
 reads one file itself, `output/texforce/<run>/history.jsonl`, the first time it sees a run (a resumed run
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -24,11 +23,12 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..training.lora.names import BadName, check_name
+
 log = logging.getLogger(__name__)
 
 MAX_HISTORY = 10_000  # epochs kept per run (the latest)
 MAX_RUNS = 256  # runs kept; the least recently updated finished ones go first
-MAX_NAME = 255
 MAX_ERROR = 2_000
 STATUSES = ("running", "done", "cancelled", "failed")
 # Fields of a progress event that are about the run, not the epoch's statistics.
@@ -43,23 +43,13 @@ class BadRunName(ValueError):
 def check_run_name(name: Any) -> str:
     """The run name as the registry keys it (surrounding spaces removed), or BadRunName.
 
-    The rules are the node's save-name rules (nodes/lora_files.save_path): a plain name or a sub-folder path,
-    no `..` part, no absolute path, no drive letter; plus a length limit and no control characters.
+    The rule is the one for every name a user gives a file (training/lora/names.py), which the training node
+    applies to its lora_name: a run the node would refuse is never listed.
     """
-    if not isinstance(name, str):
-        raise BadRunName("run name must be a string")
-    raw = name.strip()
-    if not raw:
-        raise BadRunName("run name is empty")
-    if len(raw) > MAX_NAME:
-        raise BadRunName(f"run name is longer than {MAX_NAME} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
-        raise BadRunName("run name contains control characters")
-    parts = raw.replace("\\", "/").split("/")
-    if os.path.isabs(raw) or raw.startswith(("/", "\\")) or ":" in raw or ".." in parts:
-        raise BadRunName("run name must be a plain name or a sub-folder path (no '..', no absolute path, "
-                         "no drive letter)")
-    return raw
+    try:
+        return check_name(name, "run name")
+    except BadName as e:
+        raise BadRunName(str(e)) from None
 
 
 def _number(value: Any) -> float | int | None:
@@ -272,8 +262,9 @@ async def get_run(request):
 
 def routes() -> Iterable[tuple[str, str, Callable]]:
     return (("GET", f"{ROUTE_PREFIX}/runs", list_runs),
-            # any characters (sub-folders "exp/run1", even newlines): the handler checks the name, so every bad
-            # name gets a JSON 400 rather than the router's plain 404
+            # the empty name, and any characters (sub-folders "exp/run1", even newlines): the handler checks the
+            # name, so every bad name gets a JSON 400 rather than the router's plain 404
+            ("GET", f"{ROUTE_PREFIX}/runs/", get_run),
             ("GET", rf"{ROUTE_PREFIX}/runs/{{run:[\s\S]+}}", get_run))
 
 

@@ -2,13 +2,15 @@
 
 ``start_test_server`` starts ComfyUI (from the cached environment of ``scripts/comfy_host.py``)
 with this repository loaded as the custom-node pack ``ComfyUI-TexForce``; ``ComfyClient``
-drives it over HTTP with urllib only.
+drives it over HTTP with urllib only; ``RunProgress`` follows a training run while its prompt executes
+(``client.run(prompt, progress=RunProgress(client, "my_run"))`` logs each epoch as it finishes).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 import time
 import urllib.error
@@ -16,7 +18,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _HOST_FILE = REPO_ROOT / "scripts" / "comfy_host.py"
@@ -37,6 +39,7 @@ def _load_comfy_host():
     return module
 
 
+log = logging.getLogger("texforce.comfy_server")
 comfy_host = _load_comfy_host()
 Server = comfy_host.Server
 stop_server = comfy_host.stop
@@ -115,13 +118,19 @@ class ComfyClient:
             raise ComfyError(f"POST /prompt node errors:\n{json.dumps(resp['node_errors'], indent=1)}")
         return resp["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 120.0, poll: float = 0.05) -> dict:
-        """Poll GET /history/<id> until the prompt has finished; return its history entry."""
+    def wait(self, prompt_id: str, timeout: float = 120.0, poll: float = 0.05,
+             progress: Callable[[bool], Any] | None = None) -> dict:
+        """Poll GET /history/<id> until the prompt has finished; return its history entry. ``progress(final)``
+        is called before every poll with False and once at the end with True (e.g. a RunProgress)."""
         deadline = time.monotonic() + timeout
         while True:
+            if progress is not None:
+                progress(False)
             hist = self.get_json("/history/" + urllib.parse.quote(prompt_id, safe=""))
             entry = hist.get(prompt_id) if isinstance(hist, dict) else None
             if entry is not None:
+                if progress is not None:
+                    progress(True)
                 status = entry.get("status") or {}
                 if status.get("status_str") == "error":
                     raise ComfyError(f"prompt {prompt_id} failed:\n{_format_messages(status.get('messages'))}")
@@ -134,9 +143,56 @@ class ComfyClient:
                 raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f} s; queue: {queue}")
             time.sleep(poll)
 
-    def run(self, prompt_api: Mapping[str, Any], timeout: float = 120.0) -> dict:
-        """Queue a prompt and wait for it; returns the history entry (with ``outputs``)."""
-        return self.wait(self.queue(prompt_api), timeout=timeout)
+    def run(self, prompt_api: Mapping[str, Any], timeout: float = 120.0,
+            progress: Callable[[bool], Any] | None = None) -> dict:
+        """Queue a prompt and wait for it (see ``wait``); returns the history entry (with ``outputs``)."""
+        return self.wait(self.queue(prompt_api), timeout=timeout, progress=progress)
+
+
+def format_epoch(stats: Mapping[str, Any], epochs: int | None) -> str:
+    """One line per epoch: 'epoch 3/30  reward 0.123 ± 0.045  (2.1 s)'."""
+    def num(key: str) -> str:
+        value = stats.get(key)
+        return f"{value:.4g}" if isinstance(value, (int, float)) else "n/a"
+
+    seconds = sum(v for k in ("seconds_sampling", "seconds_reward", "seconds_training")
+                  if isinstance(v := stats.get(k), (int, float)))
+    total = f"/{epochs}" if epochs else ""
+    return (f"epoch {stats.get('epoch')}{total}  reward {num('reward_mean')} ± {num('reward_std')}"
+            + (f"  ({seconds:.1f} s)" if seconds else ""))
+
+
+class RunProgress:
+    """Follows a TexForce training run through GET /texforce/runs/<run> (the registry the browser's chart reads)
+    while a prompt executes: each epoch is reported once, as it finishes, to ``on_epoch(stats, epochs)`` (default:
+    an INFO log line). Pass it as ``progress`` to ``ComfyClient.run``/``wait``: it asks the server at most every
+    ``interval`` seconds (always when ``final``) and never raises (a run the server does not know yet is simply
+    not reported yet)."""
+
+    def __init__(self, client: ComfyClient, run: str, on_epoch: Callable[[dict, int | None], Any] | None = None,
+                 interval: float = 1.0):
+        self.client, self.run, self.interval = client, run, interval
+        self.on_epoch = on_epoch or (lambda stats, epochs: log.info("%s", format_epoch(stats, epochs)))
+        self.reported = 0  # the last epoch reported
+        self.status: str | None = None
+        self._next = 0.0
+
+    def __call__(self, final: bool = False) -> list[dict]:
+        """Report the epochs finished since the last call; returns them."""
+        now = time.monotonic()
+        if now < self._next and not final:
+            return []
+        self._next = now + self.interval
+        try:
+            run = self.client.get_json("/texforce/runs/" + urllib.parse.quote(self.run, safe="/"))
+        except (urllib.error.URLError, OSError, ValueError):
+            return []
+        self.status = run.get("status")
+        new = [h for h in run.get("history") or [] if isinstance(h.get("epoch"), int) and h["epoch"] > self.reported]
+        for stats in new:
+            self.on_epoch(stats, run.get("epochs"))
+            self.reported = stats["epoch"]
+        return new
 
 
 def start_test_server(

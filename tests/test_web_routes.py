@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from comfy_server import ComfyError
+from comfy_server import ComfyError, RunProgress, format_epoch
 from conftest import PACK_NAME, REPO
 from workflow_api import nodes_of, set_inputs, substitute, to_api
 
@@ -38,13 +38,20 @@ def event(run="r", status="running", epoch=1, **stats):
 
 # -- names ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["run", "texforce_jpeg", "exp/run 1", " padded ", "a.b", "x" * 255])
+# the longest file name part: 255 bytes with ".safetensors"; a name of several parts may be up to 255 characters
+LONGEST_PART = "x" * 243
+
+
+@pytest.mark.parametrize("name", ["run", "texforce_jpeg", "exp/run 1", " padded ", "a.b", LONGEST_PART,
+                                  "é" * 121, f"a/{LONGEST_PART[:252]}", "ünïcode/名前"])
 def test_run_names_the_node_accepts(name):
     assert progress.check_run_name(name) == name.strip()
 
 
 @pytest.mark.parametrize("name", ["", "   ", "..", "../x", "a/../b", "a\\..\\b", "/etc/passwd", "\\\\server\\share",
-                                  "C:\\windows", "c:x", "x" * 256, "x" * 5000, "a\nb", "a\x00b", None, 3, ["a"]])
+                                  "C:\\windows", "c:x", "x" * 244, "é" * 122, "a/" * 128 + "b", "x" * 5000, "a\nb",
+                                  "a\x00b", "a\u202eb", "a\u2028b", "a//b", "a/./b", "a/", "a/ /b", "a?b", "a*b",
+                                  None, 3, ["a"]])
 def test_run_names_refused(name):
     with pytest.raises(progress.BadRunName):
         progress.check_run_name(name)
@@ -146,7 +153,7 @@ def test_routes_are_not_registered_without_a_server(monkeypatch):
     monkeypatch.delitem(__import__("sys").modules, "server", raising=False)
     assert progress.register_routes() is False
     assert [(m, p) for m, p, _ in progress.routes()] == [
-        ("GET", "/texforce/runs"), ("GET", r"/texforce/runs/{run:[\s\S]+}")]
+        ("GET", "/texforce/runs"), ("GET", "/texforce/runs/"), ("GET", r"/texforce/runs/{run:[\s\S]+}")]
 
 
 # -- the live server --------------------------------------------------------------------------------------
@@ -166,7 +173,7 @@ def http_get(server, path: str):
 
 
 BAD_NAMES = ["..%2F..%2Fetc", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "..", "a%2F..%2F..%2Fb",
-             "C%3A%5Cwindows", "x" * 5000, "a%00b", "%0a", "..%5C..%5Cwindows"]
+             "C%3A%5Cwindows", "x" * 5000, "a%00b", "%0a", "..%5C..%5Cwindows", "", "%20"]
 
 
 @pytest.mark.parametrize("prefix", ["", "/api"])
@@ -207,8 +214,12 @@ def test_training_example_runs_and_the_routes_report_its_history(server):
     assert len(encoders) == 2  # the original CLIP and the trained one
 
     run = f"web_example/{uuid.uuid4().hex[:8]}"  # a sub-folder name: the route takes it URL-encoded
-    entry = server.run(for_tiny_training(api, run, epochs=2), timeout=300)
+    seen = []  # what a client following the run (the demo) is told, epoch by epoch
+    follow = RunProgress(server, run, on_epoch=lambda stats, epochs: seen.append((stats["epoch"], epochs)),
+                         interval=0.2)
+    entry = server.run(for_tiny_training(api, run, epochs=2), timeout=300, progress=follow)
     assert entry["status"]["status_str"] == "success"
+    assert seen == [(1, 2), (2, 2)] and follow.status == "done"
     (sid,) = [i for i, n in nodes_of(api, "SaveImage") if n["inputs"]["filename_prefix"].endswith("before_after")]
     (img,) = entry["outputs"][sid]["images"]
     with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
@@ -227,6 +238,13 @@ def test_training_example_runs_and_the_routes_report_its_history(server):
             assert math.isclose(served[key], saved[key], rel_tol=1e-12, abs_tol=1e-30), key
     text = json.dumps(full) + json.dumps(runs)
     assert str(server.base) not in text and str(Path.home()) not in text  # no file-system paths
+
+
+def test_epoch_lines_for_a_terminal():
+    stats = {"epoch": 3, "reward_mean": -4.12345, "reward_std": 0.5, "seconds_sampling": 1.0,
+             "seconds_reward": 0.25, "seconds_training": 2.0}
+    assert format_epoch(stats, 30) == "epoch 3/30  reward -4.123 ± 0.5  (3.2 s)"
+    assert format_epoch({"epoch": 1, "reward_mean": None}, None) == "epoch 1  reward n/a ± n/a"
 
 
 def test_an_interrupt_from_comfyuis_progress_hook_is_recorded_as_cancelled():
