@@ -8,6 +8,20 @@ from .progress import register_routes
 from .reward_nodes import (TexForceDiversityReward, TexForceJPEGReward, TexForceRewardMix,
                            TexForceRewardModelLoader, TexForceScoreImages)
 from .train_node import TexForceTrain
+from ..rewards.base import RewardInputError
+from ..rewards.weights import BadWeightsError, MissingWeightsError
+from ..training.advantages import RewardError
+from ..training.checkpoint import CheckpointError
+from ..training.config import ConfigError
+from ..training.lora import LoraFileError
+from ..training.lora.names import BadName
+from ..training.loop import TrainingCancelled
+
+# ComfyUI reports an error as "<module of its class>.<class name>", and it imports a custom-node folder under the
+# folder's absolute path: LoraFileError would read '/home/.../ComfyUI-TexForce.training.lora.types.LoraFileError'.
+for _error in (LoraFileError, BadName, ConfigError, CheckpointError, RewardError, RewardInputError,
+               MissingWeightsError, BadWeightsError, TrainingCancelled):
+    _error.__module__ = "texforce"
 
 
 class TexForceExtension(ComfyExtension):

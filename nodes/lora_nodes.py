@@ -8,10 +8,12 @@ from comfy_api.latest import io
 from ..training.lora import LoraFileError, fuse_loras, save_kohya
 from ..training.lora.family import FAMILY_LABELS, lora_family
 from .lora_apply import ClipLayout, clip_patches, looks_like_unet, resolve, to_file_slots, unet_patches
-from .lora_files import NONE, load_lora_file, lora_choices, save_path
+from .lora_files import NONE, display_path, file_state, load_lora_file, lora_choices, lora_file_state, save_path
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8
+# Fuse: how many times this server process wrote each target file (part of the node's fingerprint)
+_WRITES: dict[str, int] = {}
 
 
 def _row_inputs(weight_name: str, weight_tooltip: str, with_toggle: bool) -> list:
@@ -43,6 +45,12 @@ def _fmt(values: list[float]) -> str:
     return "/".join(f"{v:g}" for v in values) or "-"
 
 
+def _files_fingerprint(kwargs: dict, weight_name: str) -> tuple:
+    """The selected rows and the on-disk version of each file: a file replaced under the same name is read again
+    (ComfyUI would otherwise reuse the cached result)."""
+    return tuple((i, weight, lora_file_state(name)) for i, name, weight in _rows(kwargs, weight_name))
+
+
 class TexForceLoraLoader(io.ComfyNode):
     """Stacks text-encoder LoRAs of any layout onto a CLIP (and their U-Net parts onto a MODEL)."""
 
@@ -70,6 +78,10 @@ class TexForceLoraLoader(io.ComfyNode):
                                                                 "matched, keys not matched, rank and alpha."),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return _files_fingerprint(kwargs, "strength")
 
     @classmethod
     def execute(cls, clip, model=None, **kwargs) -> io.NodeOutput:
@@ -144,13 +156,27 @@ class TexForceLoraFuse(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, save_name: str = "", overwrite: bool = False, **kwargs):
+        """Besides the inputs: the output file's state, and how often this server wrote it. A re-run then executes
+        again whenever the file changed or disappeared since (ComfyUI would otherwise answer from its cache with
+        a lora_path to a deleted file), and an existing file with overwrite off is refused, not reported as
+        written."""
+        try:
+            target = save_path(save_name)
+        except LoraFileError:
+            return ("bad save_name", save_name)  # execute() reports it
+        return (str(target), bool(overwrite), file_state(target), _WRITES.get(str(target), 0),
+                _files_fingerprint(kwargs, "weight"))
+
+    @classmethod
     def execute(cls, clip, save_name: str, overwrite: bool = False, **kwargs) -> io.NodeOutput:
         rows = _rows(kwargs, "weight")
         if not rows:
             raise LoraFileError("TexForce LoRA Fuse: select at least one LoRA with a non-zero weight.")
         target = save_path(save_name)
         if target.exists() and not overwrite:
-            raise LoraFileError(f"{target} already exists: choose another save_name or switch overwrite on.")
+            raise LoraFileError(f"{display_path(target)} already exists: choose another save_name or switch "
+                                "overwrite on.")
         layout = ClipLayout.of(clip)
         weighted, lines = [], []
         for i, name, weight in rows:
@@ -163,8 +189,9 @@ class TexForceLoraFuse(io.ComfyNode):
         fused = fuse_loras(weighted, source=save_name)
         save_kohya(fused, target, family=layout.family,
                    metadata={"fused_from": [{"file": n, "weight": w} for _, n, w in rows]})
+        _WRITES[str(target)] = _WRITES.get(str(target), 0) + 1
         res = resolve(fused, layout)
         out_clip = clip.clone()
         out_clip.add_patches(clip_patches(res), 1.0)
-        lines.append(f"wrote {target.name}: {len(fused.modules)} modules, rank {_fmt(fused.ranks())}")
+        lines.append(f"wrote {display_path(target)}: {len(fused.modules)} modules, rank {_fmt(fused.ranks())}")
         return io.NodeOutput(out_clip, str(target), "\n".join(lines))

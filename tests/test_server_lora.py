@@ -68,3 +68,55 @@ def test_bad_lora_fails_the_prompt_with_the_file_named(server):
     }
     with pytest.raises(ComfyError, match=r"srv_broken\.safetensors.*truncated or corrupt"):
         server.run(prompt, timeout=120)
+
+
+def execution_error(server, prompt: dict) -> dict:
+    """Queue a prompt that must fail; the execution_error ComfyUI reports (exception_type, exception_message, ...)."""
+    prompt_id = server.queue(prompt)
+    with pytest.raises(ComfyError):
+        server.wait(prompt_id, timeout=120)
+    messages = server.get_json(f"/history/{prompt_id}")[prompt_id]["status"]["messages"]
+    return next(data for event, data in messages if event == "execution_error")
+
+
+def _fuse_prompt(save_name: str, lora: str, overwrite: bool = False) -> dict:
+    return {"1": {"class_type": "TexForceTestTinyCheckpoint", "inputs": {"family": "sd1", "seed": 0}},
+            "2": {"class_type": "TexForceLoraFuse", "inputs": {"clip": ["1", 1], "save_name": save_name,
+                                                               "overwrite": overwrite, "lora_1": lora, "weight_1": 0.5}}}
+
+
+def test_fuse_never_answers_from_the_cache_with_a_file_that_is_gone(server):
+    """Queued again after its file was deleted, Fuse writes it again (it used to report the cached lora_path of
+    the deleted file); queued again while the file exists, with overwrite off, it is refused (it used to
+    'succeed'). Errors name the file relative to the models folder, with a short exception name."""
+    loras = server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in as_kohya(random_lora(tiny_models.tiny_clip("sd1", 0), seed=3)).items()},
+              str(loras / "srv_fuse_src.safetensors"))
+    prompt = _fuse_prompt("srv_fused/out", "srv_fuse_src.safetensors")
+    target = loras / "srv_fused" / "out.safetensors"
+
+    server.run(prompt, timeout=120)
+    assert target.is_file()
+    target.unlink()
+    entry = server.run(prompt, timeout=120)
+    assert target.is_file(), "queued again after the file was deleted: Fuse did not run again"
+    assert not any(m[0] == "execution_cached" and "2" in m[1].get("nodes", []) for m in entry["status"]["messages"])
+    error = execution_error(server, prompt)
+    assert error["exception_type"] == "texforce.LoraFileError"
+    assert error["exception_message"].startswith("loras/srv_fused/out.safetensors already exists: choose another")
+    entry = server.run(_fuse_prompt("srv_fused/out", "srv_fuse_src.safetensors", overwrite=True), timeout=120)
+    assert target.is_file() and entry["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("name, why", [("acc/new\nline", "contains a line break"), ("a\x00b", "contains a null character"),
+                                       ("n" * 300, "is 300 characters long")])
+def test_fuse_refuses_a_save_name_that_is_no_file_name(server, name, why):
+    loras = server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in as_kohya(random_lora(tiny_models.tiny_clip("sd1", 0), seed=4)).items()},
+              str(loras / "srv_name_src.safetensors"))
+    error = execution_error(server, _fuse_prompt(name, "srv_name_src.safetensors"))
+    assert error["exception_type"] == "texforce.BadName" and why in error["exception_message"]
+    assert str(server.base) not in error["exception_message"]
+    assert not [p for p in loras.rglob("*") if p.name.startswith(("acc", "a\x00", "nnn"))]

@@ -56,7 +56,8 @@ def save_kohya(lora: LoraSet, path: str | Path, family: str | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = kohya_state_dict(lora, dtype)
     meta = kohya_metadata(lora, family, metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a short temporary name: the final name may already be as long as file systems allow
+    fd, tmp = tempfile.mkstemp(prefix=".texforce-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
