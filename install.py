@@ -4,6 +4,8 @@
 
 torch belongs to ComfyUI: it is never installed, upgraded or downgraded here. The installed torch
 (and torchvision/torchaudio, if present) are pinned as constraints, so no requirement can move them.
+Quiet unless something changes: pip's "Requirement already satisfied" lines are left out, what it
+downloads, installs or fails on is shown.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 log = logging.getLogger("texforce.install")
 HERE = Path(__file__).resolve().parent
 PROTECTED = ("torch", "torchvision", "torchaudio")
+# pip lines that say nothing changed (the indexes lines come from a pip configuration with extra indexes)
+QUIET = ("Requirement already satisfied", "Looking in indexes", "Looking in links")
 
 
 def _requirements() -> list[str]:
@@ -40,14 +44,33 @@ def main() -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(pins) + "\n")
         constraints = f.name
-    cmd = [sys.executable, "-m", "pip", "install", "-c", constraints, *_requirements()]
+    reqs = _requirements()
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off",
+           "-c", constraints, *reqs]
     if "--dry-run" in sys.argv[1:]:
         cmd.insert(4, "--dry-run")
-    log.info("installing requirements with %s (torch %s kept as is)", sys.executable, torch_version)
+    log.info("checking %d requirements for %s (torch %s kept as is)", len(reqs), sys.executable, torch_version)
     try:
-        return subprocess.call(cmd)
+        rc, shown = _run_filtered(cmd)
     finally:
         Path(constraints).unlink(missing_ok=True)
+    if rc != 0:
+        log.error("pip failed (exit %d): see its messages above", rc)
+    elif not shown:
+        log.info("all requirements already satisfied; nothing changed")
+    return rc
+
+
+def _run_filtered(cmd: list[str]) -> tuple[int, int]:
+    """Run pip, passing its output through without the QUIET lines; (exit status, lines shown)."""
+    shown = 0
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            if line.strip() and not line.startswith(QUIET):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                shown += 1
+    return proc.returncode, shown
 
 
 def _installed(name: str) -> bool:

@@ -1,6 +1,7 @@
 """The pack as users install it: import outside ComfyUI, install.py never touching torch."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -32,3 +33,18 @@ def test_requirements_do_not_list_torch():
     names = [line.split("#")[0].strip().split("=")[0].split(">")[0].lower()
              for line in (REPO / "requirements.txt").read_text().splitlines()]
     assert not {"torch", "torchvision", "torchaudio"} & set(names)
+
+
+def test_install_script_is_quiet_unless_something_changes(capfd):
+    proc = subprocess.run([sys.executable, str(REPO / "install.py"), "--dry-run"], capture_output=True, text=True)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 0 and not any("Requirement already satisfied" in line for line in lines), lines
+    assert lines[-1] == "[TexForce] all requirements already satisfied; nothing changed"
+    assert [line for line in lines if not line.startswith(("[TexForce]", "WARNING:"))] == []  # pip's own lines hidden
+    spec = importlib.util.spec_from_file_location("texforce_install", REPO / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    fake_pip = [sys.executable, "-c", "print('Requirement already satisfied: a in /x'); print('Collecting b==2'); "
+                                      "print('Successfully installed b-2'); raise SystemExit(3)"]
+    assert install._run_filtered(fake_pip) == (3, 2)
+    assert capfd.readouterr().out == "Collecting b==2\nSuccessfully installed b-2\n"
