@@ -13,6 +13,7 @@ browsers are never downloaded. Without chromium or the playwright package the te
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -36,20 +37,29 @@ KNOWN_FRONTEND_ERRORS = [re.compile(r"^TypeError: Cannot read properties of unde
                                     r"at onChange \([^)]*/assets/index-[^)]*\)\s+at Proxy\.set \(")]
 
 
-def _playwright():
+def _missing() -> list[str]:
     missing = []
     if not CHROMIUM.is_file():
-        missing.append(f"{CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-        missing.append("the playwright Python package is missing (requirements-dev.txt)")
+        missing.append(f"{CHROMIUM} is missing: install Debian's chromium (sudo apt-get install chromium), or set "
+                       "TEXFORCE_CHROMIUM to a chromium binary")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright Python package is missing (pip install -r requirements-dev.txt)")
+    return missing
+
+
+# Without them: one skip line for the whole module (make test prints its reason), before any server starts;
+# with CI set, the browser fixture fails instead.
+if _missing() and not os.environ.get("CI"):
+    pytest.skip("browser tests skipped: " + "; ".join(_missing()), allow_module_level=True)
+
+
+def _playwright():
+    missing = _missing()
     if missing:
-        reason = "browser tests need chromium and playwright: " + "; ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set: the browser tests must run)")
-        pytest.skip(reason)
+        pytest.fail("browser tests need chromium and playwright: " + "; ".join(missing)
+                    + " (CI is set: the browser tests must run)")
+    from playwright.sync_api import sync_playwright
+
     return sync_playwright
 
 
