@@ -54,13 +54,20 @@ def test_sf_loss_is_reinforce():
     assert out.approx_kl.item() == pytest.approx(0.25)  # ½ mean([0, 1])
 
 
-def test_dpok_kl_is_weighted_mean_squared_eps_difference_with_no_gradient_to_the_reference():
-    eps = torch.ones(2, 4, 2, 2, requires_grad=True)
+def test_dpok_kl_is_the_gaussian_kl_per_step_with_no_gradient_to_the_reference():
+    mean = torch.ones(2, 4, 2, 2, requires_grad=True)
     ref = torch.zeros(2, 4, 2, 2, requires_grad=True)
-    kl = dpok_kl(eps, ref, weight=0.1)
-    assert kl.item() == pytest.approx(0.1)
+    std = torch.tensor([0.5, 2.0]).view(2, 1, 1, 1)
+    kl = dpok_kl(mean, ref, std)
+    # per sample (1 − 0)²/(2σ²): 2 and 1/8, averaged over the batch
+    assert kl.item() == pytest.approx((2.0 + 0.125) / 2)
+    # the closed form against torch's Gaussian KL, per element, for random means
+    m, r, s = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.rand(3, 1, 1, 1) + 0.1
+    exact = torch.distributions.kl_divergence(torch.distributions.Normal(m, s.expand_as(m)),
+                                              torch.distributions.Normal(r, s.expand_as(r))).mean()
+    assert dpok_kl(m, r, s).item() == pytest.approx(exact.item(), rel=1e-5)
     kl.backward()
-    assert ref.grad is None and eps.grad.abs().sum() > 0
+    assert ref.grad is None and mean.grad.abs().sum() > 0
 
 
 def test_batch_and_group_zscores():

@@ -4,7 +4,8 @@ The arithmetic, with the `texforce` defaults (DESIGN.md §3):
 
     sampling per epoch   = images_per_epoch × num_steps denoiser calls (×2 for the guidance batch)
                          = 32 × 50 = 1600 image-steps
-    trained timesteps    K = round(num_steps × timestep_fraction) = 25 per image, a random subset per image
+    trained timesteps    K = round(W × timestep_fraction) = 25 per image, a random subset per image of the
+                         W = round(num_steps × train_window) = 50 steps of the window (the noisy end of the chain)
     training per epoch   = num_inner_epochs × images_per_epoch × K forward+backward passes
                          = 1 × 32 × 25 = 800 image-steps (each ≈ 3× a forward: training ≈ 1.5–2.5× sampling)
     one optimizer step   = train_batch_size × gradient_accumulation_steps images, all K timesteps each
@@ -57,7 +58,11 @@ class TrainConfig:
     # timesteps. images_per_epoch must be a multiple of that product (32 / (2 × 8) = 2 steps per epoch).
     gradient_accumulation_steps: int = 8
     num_inner_epochs: int = 1  # passes over each epoch's samples (PPO reuse); 1 in all references
-    timestep_fraction: float = 0.5  # K = round(num_steps × this) trained timesteps per image (TexForce 0.5)
+    timestep_fraction: float = 0.5  # K = round(W × this) trained timesteps per image (TexForce 0.5)
+    # W = round(num_steps × train_window) steps from the noisy end of the chain are eligible for training. < 1 leaves
+    # out the last, nearly clean steps: there the image is already decided, yet the log-prob gradient is largest
+    # (it scales with 1/σ_t), so they dominate the update (Flow-GRPO and DanceGRPO train early steps only).
+    train_window: float = 1.0
     encode_once_per_microbatch: bool = True  # same gradient as re-encoding per timestep, ~25% cheaper
 
     # --- objective --------------------------------------------------------------------------------
@@ -151,9 +156,14 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(TrainConfig(), **known)
 
 
+def window_steps(cfg: TrainConfig) -> int:
+    """W, how many of the chain's first (noisiest) steps trained timesteps are drawn from."""
+    return max(1, int(round(cfg.num_steps * cfg.train_window)))
+
+
 def train_timesteps(cfg: TrainConfig) -> int:
     """K, the number of trained timesteps per image and inner epoch."""
-    return int(round(cfg.num_steps * cfg.timestep_fraction))
+    return int(round(window_steps(cfg) * cfg.timestep_fraction))
 
 
 def optimizer_steps_per_epoch(cfg: TrainConfig) -> int:
@@ -198,9 +208,12 @@ def validate(cfg: TrainConfig, schedule_length: int = 1000) -> list[str]:
                       f"allows ({max_steps}); use at most {max_steps} (50 is the reference)")
     if not 0 < cfg.timestep_fraction <= 1:
         errors.append(f"timestep_fraction = {cfg.timestep_fraction} must be in (0, 1]")
+    elif not 0 < cfg.train_window <= 1:
+        errors.append(f"train_window = {cfg.train_window} must be in (0, 1] (1 = every step may be trained)")
     elif cfg.num_steps >= 1 and train_timesteps(cfg) < 1:
-        errors.append(f"timestep_fraction = {cfg.timestep_fraction} of {cfg.num_steps} steps trains 0 timesteps; "
-                      f"raise it to at least {1 / cfg.num_steps:.3g} or use more steps")
+        errors.append(f"timestep_fraction = {cfg.timestep_fraction} of the {window_steps(cfg)} steps in the training "
+                      f"window trains 0 timesteps; raise it to at least {1 / window_steps(cfg):.3g}, widen "
+                      "train_window or use more steps")
     if ok:
         n = cfg.images_per_epoch
         if n % cfg.sample_batch_size:

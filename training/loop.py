@@ -32,7 +32,7 @@ import torch
 from .advantages import PerPromptStatTracker, compute_advantages, finite_mask
 from .checkpoint import CheckpointError, check_config, load_checkpoint, prompts_digest, save_checkpoint
 from .config import (TrainConfig, config_to_dict, total_optimizer_steps, train_timesteps, validate,
-                     warmup_steps)
+                     warmup_steps, window_steps)
 from .ddim import ddim_schedule, ddim_step
 from .distributed import SingleProcess
 from .host import Cond, Host
@@ -91,7 +91,7 @@ class EpochStats:
     loss: float  # mean policy loss over trained micro-steps (without the KL term)
     approx_kl: float  # ½ mean (log p − log p_old)²
     clipfrac: float
-    kl: float  # DPOK: mean (ε̂_θ − ε̂_ref)² (unweighted); 0 when kl_weight = 0 (not computed)
+    kl: float  # DPOK: per-step KL to the model without the LoRA (unweighted); 0 when kl_weight = 0 (not computed)
     grad_norm: float  # mean LoRA gradient norm before clipping, over the epoch's optimizer steps
     lr: float  # learning rate of the epoch's last optimizer step
     optimizer_steps: int
@@ -173,7 +173,7 @@ class Trainer:
         self.on_epoch, self.should_stop = on_epoch, should_stop
         self.schedule = ddim_schedule(host.alphas_cumprod, cfg.num_steps)
         self._sched = self.schedule.to(host.device)
-        self.K = train_timesteps(cfg)
+        self.K, self.W = train_timesteps(cfg), window_steps(cfg)
         self.params = list(host.trainable_parameters())
         if not self.params:
             raise ValueError("the host has no trainable (LoRA) parameters")
@@ -396,7 +396,7 @@ class Trainer:
         cfg = self.cfg
         n = len(batch)
         total = n if total is None else int(total)
-        steps, per_step = len(self.schedule), cfg.train_batch_size * cfg.gradient_accumulation_steps
+        per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
         info: dict[str, Any] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "grad_norm": [],
                                 "lr": self.optimizer.param_groups[0]["lr"], "steps": 0, "skipped": 0,
                                 "ratio_errors": [], "updated": False}
@@ -404,7 +404,8 @@ class Trainer:
         for _ in range(cfg.num_inner_epochs):
             groups = step_groups(total, per_step, self.gen_train)
             # DDPO: a random subset of K timesteps per sample, the j-th column trained at micro-step j
-            columns = torch.rand(total, steps, generator=self.gen_train).argsort(dim=1)[:, :self.K]
+            # (drawn from the first W steps of the chain, the training window)
+            columns = torch.rand(total, self.W, generator=self.gen_train).argsort(dim=1)[:, :self.K]
             for group in groups:
                 mine = group[(group >= offset) & (group < offset + n)]
                 for idx in (mine.split(cfg.train_batch_size) if len(mine) else ()):  # (split of [] gives [[]])
@@ -450,26 +451,28 @@ class Trainer:
             c = cols[:, j]
             return latents[rows, c], latents[rows, c + 1], old_lp[rows, c], c
 
-        eps_ref: list[torch.Tensor] = []
+        mean_ref: list[torch.Tensor] = []
         if cfg.kl_weight > 0:  # DPOK's reference: the same model with the LoRA switched off
             with torch.no_grad(), host.lora_enabled(False):
                 cond_ref = host.encode(prompts)
                 uncond_ref = _expand(host.encode([cfg.negative_prompt]), b)
                 with host.predictor(cond_ref, uncond_ref, cfg.guidance) as predict_ref:
                     for j in range(k):
-                        x, _, _, c = step_inputs(j)
-                        eps_ref.append(predict_ref(x, sched.timesteps[c]))
+                        x, x_next, _, c = step_inputs(j)
+                        eps_ref = predict_ref(x, sched.timesteps[c])
+                        mean_ref.append(ddim_step(x, eps_ref, sched.abar_t[c], sched.abar_prev[c], cfg.eta,
+                                                  prev_sample=x_next)[2])
 
         def timestep_backward(predict, j: int) -> None:
             x, x_next, old, c = step_inputs(j)
             eps = predict(x, sched.timesteps[c])
-            _, log_prob, _, _ = ddim_step(x, eps, sched.abar_t[c], sched.abar_prev[c], cfg.eta, prev_sample=x_next)
+            _, log_prob, mean, std = ddim_step(x, eps, sched.abar_t[c], sched.abar_prev[c], cfg.eta, prev_sample=x_next)
             out: PolicyLoss = (ppo_clip_loss(log_prob, old, adv, cfg.clip_range, cfg.adv_clip_max)
                                if cfg.loss == "ppo" else
                                sf_loss(log_prob, old, adv, cfg.adv_clip_max, cfg.clip_range))
             loss = out.loss
-            if eps_ref:
-                kl = dpok_kl(eps, eps_ref[j], 1.0)
+            if mean_ref:
+                kl = dpok_kl(mean, mean_ref[j], std)
                 loss = loss + cfg.kl_weight * kl
                 info["kl"].append(kl.detach())
             (loss * scale).backward()

@@ -58,10 +58,13 @@ def sf_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torc
     return PolicyLoss(loss, approx_kl, clipfrac, ratio.detach())
 
 
-def dpok_kl(eps: torch.Tensor, eps_ref: torch.Tensor, weight: float) -> torch.Tensor:
-    """DPOK's KL penalty β·mean((ε̂_θ − ε̂_ref)²).
+def dpok_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """DPOK's KL penalty for one denoising step: KL(N(μ_θ, σ_t²) ‖ N(μ_ref, σ_t²)) = (μ_θ − μ_ref)²/(2σ_t²).
 
-    For two Gaussians with the same σ_t the per-step KL is ‖μ_θ − μ_ref‖²/(2σ_t²), and μ is affine in ε̂,
-    so this is that KL up to a per-timestep constant. The reference is the same model with the LoRA off.
+    In the units of the log-prob (the mean over latent elements, as ddim_step's), averaged over the batch, so
+    kl_weight weighs it against the policy term directly. The reference is the same model with the LoRA off
+    (no gradient). μ is affine in ε̂ with a coefficient c_t, so this is c_t²/(2σ_t²)·(ε̂_θ − ε̂_ref)²: squared ε̂
+    differences alone under-weigh the late steps, where σ_t is small, by orders of magnitude.
     """
-    return weight * torch.mean((eps.float() - eps_ref.detach().float()) ** 2)
+    d = (mean.float() - mean_ref.detach().float()) ** 2 / (2 * std.detach().float() ** 2)
+    return d.mean()
