@@ -399,6 +399,9 @@ def start(
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
     extra = write_extra_paths(base_dir / "extra_model_paths.yaml", custom_node_dirs)
     port = port or free_port()
+    grace = time.monotonic() + 5  # a server stopped just now releases its port a moment after it is gone
+    while port_in_use(port) and time.monotonic() < grace:
+        time.sleep(0.1)
     if port_in_use(port):
         raise RuntimeError(f"port {port} on 127.0.0.1 is already in use by another program: stop it, or choose "
                            "another port")
