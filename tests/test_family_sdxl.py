@@ -94,7 +94,7 @@ def test_the_pooled_conditioning_gradient_equals_finite_differences():
         grad = leaf.grad
         u = grad / grad.norm()
         with torch.no_grad():
-            eps = 1e-2
+            eps = 3e-3  # central differences: 1e-2 is 2.5% off from curvature (measured), 3e-3 0.9%
             numeric = float(f(cond["pooled"] + eps * u) - f(cond["pooled"] - eps * u)) / (2 * eps)
     assert float(grad.norm()) > 1e-3, "the pooled output must steer ε̂"
     assert numeric == pytest.approx(float(grad.norm()), rel=0.02), (numeric, float(grad.norm()))
