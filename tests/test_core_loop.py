@@ -445,3 +445,25 @@ def test_evaluating_with_a_reward_mix_leaves_its_statistics_alone():
 
     (lora_a, stats_a), (lora_b, stats_b) = run(False), run(True)
     assert lora_equal(lora_a, lora_b) and stats_a == stats_b
+
+
+def test_train_window_trains_only_the_noisy_end_of_the_chain(monkeypatch):
+    """train_window 0.5 of 6 steps: every trained timestep is one of the first 3 (the noisiest), and K counts
+    within the window; the default window (1.0) draws from all 6."""
+    seen = {}
+    for window in (0.5, 1.0):
+        tr = trainer(train_window=window, timestep_fraction=2 / 3)
+        columns = []
+        original = tr.backward_microbatch
+
+        def spy(batch, idx, cols, scale, info=None, original=original, columns=columns):
+            columns.append(cols.clone())
+            return original(batch, idx, cols, scale, info)
+
+        monkeypatch.setattr(tr, "backward_microbatch", spy)
+        tr.run(1)
+        cols = torch.cat(columns)
+        seen[window] = cols
+        assert cols.shape[1] == (2 if window == 0.5 else 4)  # K = round(W × 2/3), W = 3 or 6
+    assert int(seen[0.5].max()) <= 2 and set(seen[0.5].flatten().tolist()) == {0, 1, 2}
+    assert int(seen[1.0].max()) == 5

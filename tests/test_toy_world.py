@@ -1,0 +1,64 @@
+"""The toy world (toy/world.py) and its alignment reward: the scorer reads back what the renderer drew."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import conftest  # noqa: F401
+from texforce_pack.rewards.toy_alignment import ToyAlignmentReward
+from texforce_pack.toy import world
+
+
+def test_scorer_reads_every_attribute_of_clean_renders():
+    scenes = world.all_scenes() * 2
+    images = world.render(scenes, torch.Generator().manual_seed(3))
+    assert images.shape == (len(scenes), world.SIZE, world.SIZE, 3)
+    correct = world.read_back(images).correct(scenes)
+    assert bool(correct.all()), correct.float().mean(0)
+    soft = world.alignment(images, [s.prompt for s in scenes])
+    assert float(soft.min()) > 0.8
+
+
+@pytest.mark.parametrize("attribute", range(4))
+def test_one_wrong_attribute_costs_the_strict_score_and_lowers_the_soft_one(attribute):
+    scenes = world.all_scenes()
+    images = world.render(scenes, torch.Generator().manual_seed(4))
+    values = [list(world.COLOURS), list(world.SHAPES), list(world.POSITIONS), list(world.BACKGROUNDS)][attribute]
+
+    def other(scene):
+        v = list(scene.values())
+        v[attribute] = values[(values.index(v[attribute]) + 1) % len(values)]
+        return world.Scene(*v).prompt
+
+    right, wrong = [s.prompt for s in scenes], [other(s) for s in scenes]
+    assert float(world.alignment(images, wrong, strict=True).max()) == 0.0
+    drop = world.alignment(images, right) - world.alignment(images, wrong)
+    assert float(drop.min()) > 0.1  # a quarter of the reward is that attribute's probability
+
+
+def test_an_empty_image_has_no_colour_shape_or_place():
+    blank = torch.full((2, 64, 64, 3), 0.94)
+    prompts = ["a red circle on the left, white background", "a blue square at the top, black background"]
+    r = world.alignment(blank, prompts)
+    # background right (≈1) for the first, wrong for the second; the other three at chance
+    assert r[0] == pytest.approx((1 + 1 / 4 + 1 / 3 + 1 / 4) / 4, abs=0.02)
+    assert float(r[1]) < 0.25
+
+
+def test_held_out_combinations_are_a_quarter_and_every_value_is_still_trained():
+    train, held = world.training_scenes(), world.held_out_scenes()
+    assert len(held) == 24 and len(train) == 72 and not set(train) & set(held)
+    for i, values in enumerate([world.COLOURS, world.SHAPES, world.POSITIONS, world.BACKGROUNDS]):
+        assert {s.values()[i] for s in train} == set(values)
+        assert {s.values()[i] for s in held} == set(values)
+
+
+def test_prompts_parse_back_and_foreign_prompts_are_refused_with_an_example():
+    for s in world.all_scenes():
+        assert world.parse_prompt(s.prompt) == s
+        assert world.parse_prompt("  " + s.prompt.upper()) == s
+    reward = ToyAlignmentReward()
+    with pytest.raises(ValueError, match="not a toy-world prompt: 'a photo of a cat'.*e.g. 'a red circle"):
+        reward(torch.zeros(1, 64, 64, 3), ["a photo of a cat"])
+    with pytest.raises(ValueError, match="mode must be"):
+        ToyAlignmentReward("exact")
