@@ -7,6 +7,8 @@ from .lora_nodes import TexForceLoraFuse, TexForceLoraLoader
 from .progress import register_routes
 from .reward_nodes import (TexForceDiversityReward, TexForceJPEGReward, TexForceRewardMix,
                            TexForceRewardModelLoader, TexForceScoreImages)
+from .evaluate_node import TexForceCompare
+from .toy_nodes import TexForceToyAlignmentReward, TexForceToyCheckpoint
 from .train_node import TexForceTrain
 from ..rewards.base import RewardInputError
 from ..rewards.weights import BadWeightsError, MissingWeightsError
@@ -31,4 +33,7 @@ class TexForceExtension(ComfyExtension):
                 TexForceRewardModelLoader,
                 TexForceDiversityReward,
                 TexForceRewardMix,
-                TexForceScoreImages]
+                TexForceScoreImages,
+                TexForceCompare,
+                TexForceToyCheckpoint,
+                TexForceToyAlignmentReward]

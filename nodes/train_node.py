@@ -34,6 +34,8 @@ LORA_SUBFOLDER = "texforce"
 EVENT = "texforce.progress"
 # text_encoders setting -> the encoders ComfyHost trains (None: every CLIP text encoder of the model)
 ENCODER_CHOICES = {"all": None, "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
+# optimizer steps per epoch when the node's optimizer_steps is 0 (auto)
+NODE_OPTIMIZER_STEPS = {"fast": 4}
 
 
 def run_dir(name: str) -> Path:
@@ -57,8 +59,12 @@ def _send(payload: dict) -> None:
 
 
 def native_resolution(model) -> int:
-    """The family's native size (training/lora/family.py: native_size) for this MODEL."""
+    """The family's native size (training/lora/family.py: native_size) for this MODEL, or the size its config
+    states (`texforce_native_size`: the embedded toy checkpoint is SD 1.x-shaped but draws 64×64)."""
     base = model.model
+    stated = getattr(getattr(base, "model_config", None), "texforce_native_size", None)
+    if stated:
+        return int(stated)
     if isinstance(base, comfy.model_base.SDXL):
         return native_size("sdxl")
     sd2 = type(getattr(base, "model_config", None)).__name__.startswith("SD2")
@@ -158,6 +164,11 @@ class TexForceTrain(io.ComfyNode):
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue this run from its checkpoint. Off: refuse if the run exists "
                                          "(nothing is overwritten)."),
+                io.Int.Input("optimizer_steps", default=0, min=0, max=4096, optional=True,
+                             tooltip="Optimizer steps per epoch: images_per_epoch / batch_size micro-batches are "
+                                     "split into this many gradient-accumulation groups. 0 = the preset's (2; "
+                                     "fast: 4). More steps learn faster per sample, with noisier steps; it must "
+                                     "divide images_per_epoch / batch_size."),
                 io.Combo.Input("text_encoders", options=list(ENCODER_CHOICES), default="all", optional=True,
                                tooltip="Which text encoder(s) get the LoRA. all: every one the CLIP has (SD 1.x: "
                                        "CLIP-L, SD 2.x: OpenCLIP-H, SDXL: CLIP-L and CLIP-G). clip_l / clip_g: "
@@ -177,7 +188,7 @@ class TexForceTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, reward, prompts: str, preset: str, epochs: int, images_per_epoch: int,
                 images_per_prompt: int, batch_size: int, width: int, height: int, steps: int, guidance: float,
                 eta: float, learning_rate: float, lora_rank: int, kl_weight: float, advantage: str, seed: int,
-                lora_name: str, resume: bool, text_encoders: str = "all") -> io.NodeOutput:
+                lora_name: str, resume: bool, optimizer_steps: int = 0, text_encoders: str = "all") -> io.NodeOutput:
         prompt_list = _prompt_list(prompts)
         if text_encoders not in ENCODER_CHOICES:
             raise ConfigError(f"text_encoders must be one of {', '.join(ENCODER_CHOICES)}, got {text_encoders!r}")
@@ -185,10 +196,16 @@ class TexForceTrain(io.ComfyNode):
             size = native_resolution(model)
             width, height = width or size, height or size
         micro = max(1, images_per_epoch // batch_size)
+        steps_wanted = optimizer_steps or NODE_OPTIMIZER_STEPS.get(preset, 2)
+        if optimizer_steps and micro % optimizer_steps:
+            raise ConfigError(f"optimizer_steps = {optimizer_steps} does not divide the epoch's {micro} micro-batches "
+                              f"(images_per_epoch {images_per_epoch} / batch_size {batch_size}); use a divisor of "
+                              f"{micro}, or 0 for the preset's")
+        # the preset's steps per epoch when the micro-batches split evenly, else one step per epoch
+        accumulation = micro // steps_wanted if micro % steps_wanted == 0 and micro >= steps_wanted else micro
         overrides = dict(epochs=epochs, images_per_epoch=images_per_epoch, images_per_prompt=images_per_prompt,
                          sample_batch_size=batch_size, train_batch_size=batch_size,
-                         # two optimizer steps per epoch when the micro-batches split evenly, else one
-                         gradient_accumulation_steps=micro // 2 if micro % 2 == 0 and micro > 1 else micro,
+                         gradient_accumulation_steps=accumulation,
                          width=width, height=height, num_steps=steps, guidance=guidance, eta=eta,
                          lr=learning_rate, lora_rank=lora_rank, lora_alpha=float(lora_rank), seed=seed)
         if kl_weight >= 0:

@@ -1,0 +1,56 @@
+"""Shared by the experiments: the toy checkpoint in this process, a trainer on it, paired evaluation.
+
+Evaluation is paired: the same prompts on the same fixed noise with the LoRA off (the base model) and on, so
+the standard error of the mean difference is small and a change of a few hundredths is measurable.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from inprocess import pack_module, setup  # noqa: E402
+
+log = logging.getLogger("texforce.experiments")
+EVAL_SEED = 20261201
+
+
+def load(checkpoint: str | None = None):
+    """(world, toy checkpoint (MODEL, CLIP, VAE), pack modules) with ComfyUI imported in this process."""
+    setup()
+    world = pack_module("toy.world")
+    cm = pack_module("toy.comfy_model")
+    return world, cm.load_toy(checkpoint or cm.WEIGHTS), {
+        "ComfyHost": pack_module("training.hosts.comfy").ComfyHost, "Trainer": pack_module("training.loop").Trainer,
+        "make_config": pack_module("training.config").make_config,
+        "ToyAlignmentReward": pack_module("rewards.toy_alignment").ToyAlignmentReward}
+
+
+def paired_eval(trainer, world, prompts: list[str], seeds: int, seed: int = EVAL_SEED) -> dict:
+    """Every prompt × `seeds` noises with the LoRA off (the base model) and on: the soft reward's paired change
+    (training/evaluation.py) and the strict accuracy before and after."""
+    batch = [p for p in prompts for _ in range(seeds)]
+    base = trainer.generate(batch, seed, lora=False)
+    tuned = trainer.generate(batch, seed, lora=True)
+    result = pack_module("training.evaluation").paired(world.alignment(base, batch), world.alignment(tuned, batch))
+    return {**result.__dict__, "z": result.z, "line": result.line("alignment"),
+            "acc_before": float(world.alignment(base, batch, strict=True).mean()),
+            "acc_after": float(world.alignment(tuned, batch, strict=True).mean())}
+
+
+def grid(images_rows: list[torch.Tensor], path: Path, scale: int = 2) -> Path:
+    """Rows of equally many images (B×H×W×3) into one PNG."""
+    import numpy as np
+    from PIL import Image
+
+    rows = [torch.cat(list(r), dim=1) for r in images_rows]
+    arr = (torch.cat(rows, dim=0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
