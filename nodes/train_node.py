@@ -94,6 +94,20 @@ def check_resume_layout(lora_path: Path, run: str, family: str | None, encoders:
             "started, or choose another lora_name.")
 
 
+def node_accumulation(images_per_epoch: int, batch_size: int, preset: str, optimizer_steps: int = 0) -> int:
+    """Micro-batches per optimizer step for the node's settings: `optimizer_steps` steps per epoch (0: the
+    preset's, 2 or fast's 4); the preset's count falls back to one step per epoch when it does not divide."""
+    micro = max(1, images_per_epoch // batch_size)
+    if optimizer_steps:
+        if micro % optimizer_steps:
+            raise ConfigError(f"optimizer_steps = {optimizer_steps} does not divide the epoch's {micro} micro-batches "
+                              f"(images_per_epoch {images_per_epoch} / batch_size {batch_size}); use a divisor of "
+                              f"{micro}, or 0 for the preset's")
+        return micro // optimizer_steps
+    wanted = NODE_OPTIMIZER_STEPS.get(preset, 2)
+    return micro // wanted if micro % wanted == 0 and micro >= wanted else micro
+
+
 def _prompt_list(text: str) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not prompts:
@@ -195,14 +209,7 @@ class TexForceTrain(io.ComfyNode):
         if not width or not height:
             size = native_resolution(model)
             width, height = width or size, height or size
-        micro = max(1, images_per_epoch // batch_size)
-        steps_wanted = optimizer_steps or NODE_OPTIMIZER_STEPS.get(preset, 2)
-        if optimizer_steps and micro % optimizer_steps:
-            raise ConfigError(f"optimizer_steps = {optimizer_steps} does not divide the epoch's {micro} micro-batches "
-                              f"(images_per_epoch {images_per_epoch} / batch_size {batch_size}); use a divisor of "
-                              f"{micro}, or 0 for the preset's")
-        # the preset's steps per epoch when the micro-batches split evenly, else one step per epoch
-        accumulation = micro // steps_wanted if micro % steps_wanted == 0 and micro >= steps_wanted else micro
+        accumulation = node_accumulation(images_per_epoch, batch_size, preset, optimizer_steps)
         overrides = dict(epochs=epochs, images_per_epoch=images_per_epoch, images_per_prompt=images_per_prompt,
                          sample_batch_size=batch_size, train_batch_size=batch_size,
                          gradient_accumulation_steps=accumulation,

@@ -119,3 +119,24 @@ def test_non_finite_rewards_are_dropped_with_a_warning_and_all_bad_is_an_error(c
     assert "dropping 2 of 4" in caplog.text and "'b'" in caplog.text
     with pytest.raises(adv_mod.RewardError, match="all 2 rewards are NaN"):
         adv_mod.finite_mask(torch.tensor([float("nan"), -float("inf")]))
+
+
+def test_with_many_prompts_the_per_prompt_tracker_gives_batch_advantages_and_group_removes_prompt_difficulty():
+    """Why the `fast` preset uses group advantages: 72 prompts, 8 per epoch, 8 images each. For the first epochs
+    no prompt reaches min_count, so DDPO's tracker falls back to the batch's statistics and a hard prompt's images
+    all get negative advantages whatever they show (pure noise for the gradient: E[∇log p] = 0). Group z-scores
+    compare each image with its own prompt's."""
+    from texforce_pack.training.advantages import PerPromptStatTracker, compute_advantages
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [f"p{i}" for i in range(8) for _ in range(8)]
+    difficulty = torch.arange(8, dtype=torch.float64).repeat_interleave(8)  # prompt i's mean reward is i
+    rewards = (difficulty + 0.1 * torch.randn(64, generator=g, dtype=torch.float64)).float()
+    tracker = PerPromptStatTracker(buffer_size=16, min_count=16)
+    per_prompt = compute_advantages("per_prompt", rewards, prompts, tracker)
+    assert torch.allclose(per_prompt, adv_mod.batch_advantages(rewards), atol=1e-5)
+    assert float(per_prompt[:8].max()) < -1.0  # the hardest prompt's images: all strongly negative
+    group = compute_advantages("group", rewards, prompts)
+    for i in range(8):
+        block = group[8 * i:8 * i + 8]
+        assert abs(float(block.mean())) < 1e-5 and float(block.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)

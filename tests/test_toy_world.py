@@ -62,3 +62,15 @@ def test_prompts_parse_back_and_foreign_prompts_are_refused_with_an_example():
         reward(torch.zeros(1, 64, 64, 3), ["a photo of a cat"])
     with pytest.raises(ValueError, match="mode must be"):
         ToyAlignmentReward("exact")
+
+
+def test_node_optimizer_steps_set_the_accumulation():
+    from texforce_pack.nodes.train_node import node_accumulation
+    from texforce_pack.training.config import ConfigError
+
+    assert node_accumulation(32, 4, "texforce") == 4  # 8 micro-batches, the preset's 2 steps
+    assert node_accumulation(32, 8, "fast") == 1  # 4 micro-batches, fast's 4 steps
+    assert node_accumulation(32, 4, "texforce", optimizer_steps=8) == 1
+    assert node_accumulation(12, 4, "texforce") == 3  # 3 micro-batches do not split in 2: one step
+    with pytest.raises(ConfigError, match="optimizer_steps = 3 does not divide the epoch's 8 micro-batches"):
+        node_accumulation(32, 4, "texforce", optimizer_steps=3)
