@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-cache", type=Path, default=None,
                         help="keep the stage-1 VAE here and reuse it when the file exists")
     parser.add_argument("--batch", type=int, default=32, help="U-Net training batch")
+    parser.add_argument("--caption-swap", type=float, default=0.0,
+                        help="share of training captions with one attribute word swapped for another value: a "
+                             "model whose errors are the text pathway's (words bound loosely to attributes)")
     parser.add_argument("--eval-seeds", type=int, default=4, help="noises per prompt for the final check (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -157,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             layer.forward = types.MethodType(out_of_place, layer)
     prompts = [s.prompt for s in world.all_scenes()]
     token_ids = [[t for t, _ in clip.tokenize(p)["l"][0]] for p in prompts + [""]]
+    # for --caption-swap: each prompt's neighbours, the prompts that differ from it in exactly one attribute
+    scenes = world.all_scenes()
+    neighbours = torch.tensor([[j for j, o in enumerate(scenes) if sum(a != b for a, b in zip(s.values(), o.values())) == 1]
+                               for s in scenes])
     tokens = torch.tensor(token_ids)
     params = list(unet.diffusion_model.parameters()) + list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         pick = torch.randint(0, len(latents), (args.batch,), generator=g)
         x0 = latents[pick]
         which = index_t[pick].clone()
+        if args.caption_swap > 0:  # loose captions: one attribute word names another value than the image shows
+            swap = torch.rand(len(pick), generator=g) < args.caption_swap
+            which[swap] = neighbours[which[swap], torch.randint(0, neighbours.shape[1], (int(swap.sum()),),
+                                                                  generator=g)]
         which[torch.rand(len(pick), generator=g) < 0.1] = len(prompts)  # the empty prompt
         cond = encoder(tokens[which].tolist())[0]
         t = torch.randint(0, len(sigmas), (len(pick),), generator=g)

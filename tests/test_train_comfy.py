@@ -190,32 +190,6 @@ def test_resume_on_the_comfy_host_gives_the_same_lora(tmp_path):
     assert torch.equal(final_lora([3]), final_lora([2, 3]))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_learning_raises_the_reward_on_fixed_evaluation_noise(seed):
-    """Every seed must improve brightness on fixed evaluation noise by several standard errors.
-
-    The tiny model is built so the prompt controls the image (see build(learnable=True)): a random LoRA moves
-    the reward by about one batch standard deviation. DDPO's gradient is noisy (the DESIGN probe measured
-    cosine ~0.15 to the exact gradient per 32-image batch), so each epoch takes one optimizer step on 32
-    images × 5 steps. About 20 s per seed on one CPU thread.
-    """
-    torch.set_num_threads(1)
-    host, *_ = build(seed=seed, learnable=True)
-    cfg = config.make_config("texforce", num_steps=5, timestep_fraction=1.0, images_per_epoch=32,
-                             images_per_prompt=4, sample_batch_size=32, train_batch_size=32,
-                             gradient_accumulation_steps=1, height=32, width=32, lr=1e-2, epochs=20,
-                             advantage="batch", seed=seed, lora_rank=4, lora_alpha=4.0, warmup_fraction=0.0,
-                             lr_schedule="constant", clip_range=1e-1)
-    tr = loop.Trainer(host, brightness, PROMPTS, cfg)
-    before = tr.evaluate(PROMPTS * 16, seed=123)
-    tr.run(20)
-    after = tr.evaluate(PROMPTS * 16, seed=123)
-    diff = after - before
-    stderr = diff.std() / len(diff) ** 0.5
-    assert diff.mean() > 2.5 * stderr, f"seed {seed}: reward {before.mean():.4f} → {after.mean():.4f} " \
-                                       f"(+{diff.mean():.4f} ± {stderr:.4f})"
-
-
 def test_the_learning_model_lets_the_prompt_control_the_image():
     """What build(learnable=True) buys: with the reference N(0, 0.02) weights two prompts give the same image
     (same noise) to ~1e-6; the learning model's images differ visibly between prompts."""
