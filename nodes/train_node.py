@@ -178,16 +178,16 @@ class TexForceTrain(io.ComfyNode):
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue this run from its checkpoint. Off: refuse if the run exists "
                                          "(nothing is overwritten)."),
-                io.Int.Input("optimizer_steps", default=0, min=0, max=4096, optional=True,
-                             tooltip="Optimizer steps per epoch: images_per_epoch / batch_size micro-batches are "
-                                     "split into this many gradient-accumulation groups. 0 = the preset's (2; "
-                                     "fast: 4). More steps learn faster per sample, with noisier steps; it must "
-                                     "divide images_per_epoch / batch_size."),
                 io.Combo.Input("text_encoders", options=list(ENCODER_CHOICES), default="all", optional=True,
                                tooltip="Which text encoder(s) get the LoRA. all: every one the CLIP has (SD 1.x: "
                                        "CLIP-L, SD 2.x: OpenCLIP-H, SDXL: CLIP-L and CLIP-G). clip_l / clip_g: "
                                        "SDXL's CLIP-L (te1) or CLIP-G (te2, which also makes the pooled output) "
                                        "only; an encoder the CLIP does not have is refused."),
+                io.Int.Input("optimizer_steps", default=0, min=0, max=4096, optional=True,
+                             tooltip="Optimizer steps per epoch: images_per_epoch / batch_size micro-batches are "
+                                     "split into this many gradient-accumulation groups. 0 = the preset's (2; "
+                                     "fast: 4). More steps learn faster per sample, with noisier steps; it must "
+                                     "divide images_per_epoch / batch_size."),
             ],
             outputs=[
                 io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied."),
@@ -202,7 +202,7 @@ class TexForceTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, reward, prompts: str, preset: str, epochs: int, images_per_epoch: int,
                 images_per_prompt: int, batch_size: int, width: int, height: int, steps: int, guidance: float,
                 eta: float, learning_rate: float, lora_rank: int, kl_weight: float, advantage: str, seed: int,
-                lora_name: str, resume: bool, optimizer_steps: int = 0, text_encoders: str = "all") -> io.NodeOutput:
+                lora_name: str, resume: bool, text_encoders: str = "all", optimizer_steps: int = 0) -> io.NodeOutput:
         prompt_list = _prompt_list(prompts)
         if text_encoders not in ENCODER_CHOICES:
             raise ConfigError(f"text_encoders must be one of {', '.join(ENCODER_CHOICES)}, got {text_encoders!r}")
