@@ -78,3 +78,29 @@ def test_the_demo_workflow_trains_the_toy_and_compares_through_the_server(server
     assert lora.is_file()
     grid = entry["outputs"]["grid"]["images"][0]
     assert (server.base / "output" / grid["subfolder"] / grid["filename"]).is_file()
+
+
+def test_compare_is_paired_the_same_clip_changes_nothing_and_another_one_does(toy):
+    """TexForce Compare samples both CLIPs on identical noise: the same CLIP twice gives a change of exactly 0;
+    a CLIP with a random LoRA gives a non-zero one; the report, grid and images come back."""
+    from texforce_pack.nodes.evaluate_node import TexForceCompare
+    from texforce_pack.rewards.toy_alignment import ToyAlignmentReward as Reward
+
+    model, clip, vae = toy
+    prompts = "\n".join(s.prompt for s in world.held_out_scenes()[:3])
+    args = dict(images_per_prompt=2, seed=4, steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform",
+                width=0, height=0, grid_columns=3)
+    same = TexForceCompare.execute(model, clip, clip, vae, Reward(), prompts, **args)
+    report, grid, change, se, before, after = same.result
+    assert change == 0.0 and se == 0.0 and torch.equal(before, after)
+    assert before.shape == (6, 64, 64, 3) and grid.shape[0] == 1 and "6 paired images" in report
+    other = clip.clone()
+    host = ComfyHost(model, clip, vae, rank=4, alpha=4.0, seed=1)
+    with torch.no_grad():
+        for p in host.lora.up:
+            p.normal_(0, 0.5)
+    from texforce_pack.nodes.lora_apply import ClipLayout, clip_patches, resolve
+
+    other.add_patches(clip_patches(resolve(host.lora.to_lora_set("random"), ClipLayout.of(clip))), 1.0)
+    moved = TexForceCompare.execute(model, clip, other, vae, Reward(), prompts, **args)
+    assert not torch.equal(moved.result[4], moved.result[5])
