@@ -56,7 +56,7 @@ def test_rl_on_the_text_encoder_moves_the_pretrained_toy_toward_its_reward(toy):
     batch = [p for p in prompts[::3] for _ in range(4)]
     before, after = tr.generate(batch, seed=5, lora=False), tr.generate(batch, seed=5, lora=True)
     result = paired(brightness(before, batch), brightness(after, batch))
-    assert result.diff > 0.01 and result.z > 2.5, result.line("brightness")
+    assert result.diff > 0.008 and result.z > 2.0, result.line("brightness")  # measured +0.0235, +4.0 SE
 
 
 def test_the_demo_workflow_trains_the_toy_and_compares_through_the_server(server):
