@@ -5,6 +5,7 @@ the standard error of the mean difference is small and a change of a few hundred
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -12,8 +13,19 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-from inprocess import pack_module, setup  # noqa: E402
+
+
+def _inprocess():
+    """scripts/inprocess.py, loaded by path (no sys.path change)."""
+    if "texforce_inprocess" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("texforce_inprocess", REPO / "scripts" / "inprocess.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["texforce_inprocess"]
+
+
+setup, pack_module = _inprocess().setup, _inprocess().pack_module
 
 log = logging.getLogger("texforce.experiments")
 EVAL_SEED = 20261201
