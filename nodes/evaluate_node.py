@@ -6,8 +6,6 @@ small; the report gives the mean reward before and after, the change in standard
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 import comfy.sample
@@ -15,19 +13,15 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..training.evaluation import paired
+from ..training.hosts.comfy import comfy_cond, encode_batch
 from .compare_grid import compare_grid
 from .reward_nodes import Reward
 from .train_node import native_resolution
 
 
 def _encode(clip, prompts: list[str]) -> list:
-    """One conditioning for a batch of prompts (each prompt's own row), padded to a common length as ComfyUI's
-    concat does for long prompts."""
-    outs = [clip.encode_from_tokens(clip.tokenize(p), return_pooled=True) for p in prompts]
-    length = math.lcm(*(c.shape[1] for c, _ in outs))
-    cond = torch.cat([c.repeat(1, length // c.shape[1], 1) for c, _ in outs])
-    extra = {"pooled_output": torch.cat([p for _, p in outs])} if all(p is not None for _, p in outs) else {}
-    return [[cond, extra]]
+    """One conditioning for a batch of prompts, each prompt's own row (as the trainer encodes them)."""
+    return [comfy_cond(encode_batch(clip, prompts))]
 
 
 def sample_images(model, clip, vae, prompts: list[str], seed: int, steps: int, cfg: float, sampler: str,

@@ -192,18 +192,9 @@ class ComfyHost:
             self.lora.enabled = before
 
     def encode(self, prompts: list[str]) -> Cond:
-        """One forward per distinct prompt (repeats share it); pads multi-chunk prompts as ComfyUI's concat does."""
-        unique = list(dict.fromkeys(prompts))
-        outs = {p: self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True) for p in unique}
-        length = math.lcm(*(c.shape[1] for c, _ in outs.values()))
-        conds = {p: c.repeat(1, length // c.shape[1], 1) for p, (c, _) in outs.items()}
-        cond = torch.cat([conds[p] for p in prompts]).float()
+        out = encode_batch(self.clip, prompts)
         if not self._context_checked:
-            self._check_context(cond.shape[-1])
-        out: Cond = {"cross_attn": cond}
-        pooled = [outs[p][1] for p in prompts]
-        if all(x is not None for x in pooled):
-            out["pooled"] = torch.cat(pooled).float()
+            self._check_context(out["cross_attn"].shape[-1])
         return out
 
     @contextlib.contextmanager
@@ -222,8 +213,8 @@ class ComfyHost:
         def prepare(shape: torch.Size) -> dict:
             # What ComfyUI's CFGGuider does before sampling: load the models, let the model build its conds
             # (SDXL: pooled + size conditioning from the latent size).
-            conds = {"positive": comfy.sampler_helpers.convert_cond([_comfy_cond(cond)]),
-                     "negative": comfy.sampler_helpers.convert_cond([_comfy_cond(uncond)])}
+            conds = {"positive": comfy.sampler_helpers.convert_cond([comfy_cond(cond)]),
+                     "negative": comfy.sampler_helpers.convert_cond([comfy_cond(uncond)])}
             real_model, conds, extra = comfy.sampler_helpers.prepare_sampling(model, shape, conds, options)
             conds = comfy.samplers.process_conds(real_model, torch.zeros(shape, device=device), conds, device)
             model.pre_run()
@@ -271,6 +262,20 @@ class ComfyHost:
             self._training = False
 
 
+def encode_batch(clip, prompts: list[str]) -> Cond:
+    """One conditioning row per prompt through a ComfyUI CLIP: one forward per distinct prompt (repeats share it),
+    multi-chunk prompts padded to a common length as ComfyUI's concat does."""
+    unique = list(dict.fromkeys(prompts))
+    outs = {p: clip.encode_from_tokens(clip.tokenize(p), return_pooled=True) for p in unique}
+    length = math.lcm(*(c.shape[1] for c, _ in outs.values()))
+    conds = {p: c.repeat(1, length // c.shape[1], 1) for p, (c, _) in outs.items()}
+    out: Cond = {"cross_attn": torch.cat([conds[p] for p in prompts]).float()}
+    pooled = [outs[p][1] for p in prompts]
+    if all(x is not None for x in pooled):
+        out["pooled"] = torch.cat(pooled).float()
+    return out
+
+
 def _context_dim(model) -> int | None:
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
     dim = config.get("context_dim")
@@ -285,6 +290,6 @@ def _model_label(model) -> str:
             "KOALA_700M": "SDXL (KOALA)", "KOALA_1B": "SDXL (KOALA)"}.get(name, name)
 
 
-def _comfy_cond(c: Cond) -> list:
+def comfy_cond(c: Cond) -> list:
     extra = {"pooled_output": c["pooled"]} if "pooled" in c else {}
     return [c["cross_attn"], extra]
