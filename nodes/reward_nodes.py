@@ -21,13 +21,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
+from ..rewards import registry
 from ..rewards import weights as published
-from ..rewards.aesthetic import AestheticReward
-from ..rewards.clip_models import ClipImageEncoder, ClipScoreReward, PickScoreReward
-from ..rewards.detectors import FaceReward, HandReward
-from ..rewards.diversity import DiversityReward
-from ..rewards.hps import HpsReward
-from ..rewards.imagereward import ImageRewardModel
 from ..rewards.jpeg import JpegReward
 from ..rewards.mix import RewardMix
 
@@ -62,28 +57,20 @@ def list_entries() -> list[str]:
     return hf_dirs + singles
 
 
-def resolve(entry: str, default: published.Published) -> Path:
-    """An entry of list_entries (or AUTO: the published name) → its full path; missing → a clear error."""
-    name = default.name if entry in (AUTO, "", None) else entry
+def find_entry(entry: str, slot: registry.Slot, wanted: published.Published) -> Path:
+    """An entry of list_entries (a file, or a folder as 'name/') → its full path; missing → an error naming
+    `wanted`, the folders looked in and where it is published."""
+    name = entry + "/" if slot.folder_only and not entry.endswith("/") else entry
     if name.endswith("/"):
-        config = folder_paths.get_full_path(FOLDER, name + "config.json")
-        if config is None:
-            raise published.MissingWeightsError(default, _looked_in(name))
-        return Path(config).parent
-    full = folder_paths.get_full_path(FOLDER, name)
-    if full is None:
-        raise published.MissingWeightsError(default, _looked_in(name))
-    return Path(full)
-
-
-def resolve_tokenizer(entry: str, default: published.Published) -> Path:
-    """A tokenizer folder (found by its vocab.txt; it needs no config.json or weights) in reward_models."""
-    name = default.name if entry in (AUTO, "", None) else entry
-    name = name if name.endswith("/") else name + "/"
-    vocab = folder_paths.get_full_path(FOLDER, name + "vocab.txt")
-    if vocab is None:
-        raise published.MissingWeightsError(default, _looked_in(name), "The folder needs at least vocab.txt.")
-    return Path(vocab).parent
+        found = folder_paths.get_full_path(FOLDER, name + slot.marker)
+        if found is None:
+            detail = "" if slot.marker == "config.json" else f"The folder needs at least {slot.marker}."
+            raise published.MissingWeightsError(wanted, _looked_in(name), detail)
+        return Path(found).parent
+    found = folder_paths.get_full_path(FOLDER, name)
+    if found is None:
+        raise published.MissingWeightsError(wanted, _looked_in(name))
+    return Path(found)
 
 
 def _looked_in(name: str) -> str:
@@ -125,66 +112,21 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
-KINDS = {
-    "aesthetic (LAION, CLIP ViT-L/14)": "aesthetic",
-    "PickScore": "pickscore",
-    "HPS v2 / v2.1": "hps",
-    "CLIPScore": "clipscore",
-    "ImageReward": "imagereward",
-    "face (YuNet detection confidence)": "face",
-    "hand (OWL-ViT / OWLv2 detection confidence)": "hand",
-}
-HAND_FALLBACK = "owlvit-base-patch32/"  # OWL-ViT v1, used by 'auto' when the OWLv2 folder is not there
+# the kinds the Reward Model Loader offers, by the labels its combo shows (and saved workflows hold)
+KINDS = {registry.KINDS[k].label: k for k in
+         ("aesthetic", "pickscore", "hps", "clipscore", "imagereward", "face", "hand")}
 
 
-def load_reward(kind: str, model: str = AUTO, clip_model: str = AUTO) -> ManagedReward:
-    kind = KINDS.get(kind, kind)
-    if kind == "aesthetic":
-        head = resolve(model, published.AESTHETIC_HEAD)
-        clip = resolve(clip_model, published.CLIP_L14)
-        return cached(("aesthetic",), [clip, head], lambda: AestheticReward.from_files(clip, head))
-    if kind == "pickscore":
-        path = resolve(model, published.PICKSCORE)
-        return cached(("pickscore",), [path], lambda: PickScoreReward.from_folder(path))
-    if kind == "clipscore":
-        path = resolve(model, published.CLIPSCORE)
-        return cached(("clipscore",), [path], lambda: ClipScoreReward.from_folder(path))
-    if kind == "hps":
-        if model in (AUTO, "", None):
-            try:
-                path = resolve(AUTO, published.HPS_V21)
-            except published.MissingWeightsError:
-                try:
-                    path = resolve(AUTO, published.HPS_V2)
-                except published.MissingWeightsError:
-                    raise published.MissingWeightsError(published.HPS_V21, _looked_in(published.HPS_V21.name),
-                                                        f"HPS v2 ({published.HPS_V2.name}) works too.") from None
-        else:
-            path = resolve(model, published.HPS_V21)
-        return cached(("hps",), [path], lambda: HpsReward.from_checkpoint(path))
-    if kind == "imagereward":
-        path = resolve(model, published.IMAGEREWARD)
-        tokenizer = resolve_tokenizer(clip_model, published.IMAGEREWARD_TOKENIZER)
-        med = path.parent / "med_config.json"
-        return cached(("imagereward",), [path, tokenizer] + ([med] if med.is_file() else []),
-                      lambda: ImageRewardModel.from_files(path, tokenizer))
-    if kind == "face":
-        path = resolve(model, published.FACE_YUNET)
-        return cached(("face",), [path], lambda: FaceReward.from_file(path))
-    if kind == "hand":
-        if model in (AUTO, "", None):
-            try:
-                path = resolve(AUTO, published.HAND_OWL)
-            except published.MissingWeightsError:
-                try:
-                    path = resolve(HAND_FALLBACK, published.HAND_OWL)
-                except published.MissingWeightsError:
-                    raise published.MissingWeightsError(published.HAND_OWL, _looked_in(published.HAND_OWL.name),
-                                                        f"OWL-ViT ({HAND_FALLBACK}) works too.") from None
-        else:
-            path = resolve(model, published.HAND_OWL)
-        return cached(("hand",), [path], lambda: HandReward.from_folder(path))
-    raise ValueError(f"unknown reward model kind {kind!r}; choose one of {sorted(KINDS)}")
+def load_reward(kind: str, model: str | None = AUTO, clip_model: str | None = AUTO):
+    """A reward from the registry, its weights found in reward_models: `model` fills the kind's first weight
+    slot, `clip_model` the second; AUTO (or nothing) takes the published names, preferred first. A reward with
+    model files is cached and managed by ComfyUI; one without (diversity on pixels) is returned as it is."""
+    entry = registry.reward_kind(kind)
+    picked = [None if e in (AUTO, "", None) else e for e in (model, clip_model)]
+    paths = registry.locate(entry, dict(zip((s.key for s in entry.slots), picked)), find_entry)
+    if not paths:
+        return entry.build(paths, {})
+    return cached((entry.name,), registry.watched_files(entry, paths), lambda: entry.build(paths, {}))
 
 
 class TexForceJPEGReward(io.ComfyNode):
@@ -267,11 +209,7 @@ class TexForceDiversityReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, embedding: str) -> io.NodeOutput:
-        if embedding.startswith("pixels"):
-            return io.NodeOutput(DiversityReward())
-        path = resolve(embedding, published.CLIPSCORE)
-        return io.NodeOutput(cached(("diversity",), [path],
-                                    lambda: DiversityReward(ClipImageEncoder.from_folder(path))))
+        return io.NodeOutput(load_reward("diversity", None if embedding.startswith("pixels") else embedding))
 
 
 MIX_SLOTS = 4

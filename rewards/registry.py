@@ -1,97 +1,201 @@
-"""Rewards by name, from local weight paths: what the headless trainer's config file selects.
+"""Every reward by kind: the one table the reward nodes and the headless trainer both build rewards from.
 
-A spec is a dict: {"kind": "aesthetic", "path": ..., "clip": ..., "weight": 1.0}. Relative paths are
-resolved against `base_dir` (the config file's folder). One spec gives that reward; several give a
-RewardMix (normalised by default, so the weights mean relative influence; see rewards/mix.py).
+A kind lists its weight slots (the spec keys `path`, `clip`, `tokenizer`) and, for each, the published weights
+it expects, preferred first (HPS v2.1 before v2, OWLv2 before OWL-ViT). Where files are looked up differs by
+caller, so the caller passes a `Find`: the nodes look entries up in models/reward_models/ and, for 'auto',
+try the published names in order; the headless trainer's config names every path itself, relative to the
+config file's folder.
+
+A headless spec is a dict: {"kind": "aesthetic", "path": ..., "clip": ..., "weight": 1.0}. One spec gives that
+reward; several give a RewardMix (normalised by default, so the weights mean relative influence; see mix.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
+from . import weights as published
 from .jpeg import JpegReward
 from .mix import RewardMix
+from .weights import MissingWeightsError, Published
 
 
-def _path(spec: dict[str, Any], key: str, base_dir: Path, kind: str) -> Path:
-    if not spec.get(key):
-        raise ValueError(f"reward {kind!r} needs '{key}': the local path of its weights")
-    p = Path(str(spec[key])).expanduser()
-    return p if p.is_absolute() else base_dir / p
+@dataclass(frozen=True)
+class Slot:
+    """One set of weights a reward needs: its spec key and what is published for it, preferred first."""
+
+    key: str
+    published: tuple[Published, ...]
+    marker: str = "config.json"  # the file that identifies a folder entry (a name ending in "/")
+    folder_only: bool = False  # a folder even when the entry has no trailing "/" (a tokenizer folder)
+    companions: tuple[str, ...] = ()  # files beside the weights that belong to them
+    optional: bool = False  # the reward works without it
+
+    def wanted(self) -> str:
+        """What to give, for error messages: every accepted published model and where it comes from."""
+        return "; or ".join(f"{p.what}: '{p.name}', published at {p.source}" for p in self.published)
 
 
-def _aesthetic(spec, base):
+Paths = dict[str, Path]
+# find(entry, slot, published) -> the full path of that entry; raises MissingWeightsError naming `published`
+Find = Callable[[str, Slot, Published], Path]
+
+
+@dataclass(frozen=True)
+class RewardKind:
+    """A reward as users select it: its kind name, the label the node shows, its weights and its builder."""
+
+    name: str
+    label: str
+    build: Callable[[Paths, Mapping[str, Any]], Any]  # (located weights, spec settings) -> reward
+    slots: tuple[Slot, ...] = ()
+    settings: tuple[str, ...] = ()  # spec keys that are settings, not weights
+
+    def keys(self) -> set[str]:
+        return {"kind", "weight", *(s.key for s in self.slots), *self.settings}
+
+
+def _jpeg(mode: str) -> Callable[[Paths, Mapping[str, Any]], JpegReward]:
+    return lambda paths, spec: JpegReward(mode, int(spec.get("quality", 95)))
+
+
+def _aesthetic(paths: Paths, spec: Mapping[str, Any]):
     from .aesthetic import AestheticReward
-    return AestheticReward.from_files(_path(spec, "clip", base, "aesthetic"), _path(spec, "path", base, "aesthetic"))
+    return AestheticReward.from_files(paths["clip"], paths["path"])
 
 
-def _pickscore(spec, base):
+def _pickscore(paths: Paths, spec: Mapping[str, Any]):
     from .clip_models import PickScoreReward
-    return PickScoreReward.from_folder(_path(spec, "path", base, "pickscore"))
+    return PickScoreReward.from_folder(paths["path"])
 
 
-def _clipscore(spec, base):
+def _clipscore(paths: Paths, spec: Mapping[str, Any]):
     from .clip_models import ClipScoreReward
-    return ClipScoreReward.from_folder(_path(spec, "path", base, "clipscore"))
+    return ClipScoreReward.from_folder(paths["path"])
 
 
-def _hps(spec, base):
+def _hps(paths: Paths, spec: Mapping[str, Any]):
     from .hps import HpsReward
-    return HpsReward.from_checkpoint(_path(spec, "path", base, "hps"))
+    return HpsReward.from_checkpoint(paths["path"])
 
 
-def _imagereward(spec, base):
+def _imagereward(paths: Paths, spec: Mapping[str, Any]):
     from .imagereward import ImageRewardModel
-    return ImageRewardModel.from_files(_path(spec, "path", base, "imagereward"),
-                                       _path(spec, "tokenizer", base, "imagereward"))
+    return ImageRewardModel.from_files(paths["path"], paths["tokenizer"])
 
 
-def _face(spec, base):
+def _face(paths: Paths, spec: Mapping[str, Any]):
     from .detectors import FaceReward
-    return FaceReward.from_file(_path(spec, "path", base, "face"))
+    return FaceReward.from_file(paths["path"])
 
 
-def _hand(spec, base):
+def _hand(paths: Paths, spec: Mapping[str, Any]):
     from .detectors import HandReward
-    return HandReward.from_folder(_path(spec, "path", base, "hand"))
+    return HandReward.from_folder(paths["path"])
 
 
-def _diversity(spec, base):
+def _diversity(paths: Paths, spec: Mapping[str, Any]):
     from .diversity import DiversityReward
-    if spec.get("clip"):
+    if "clip" in paths:
         from .clip_models import ClipImageEncoder
-        return DiversityReward(ClipImageEncoder.from_folder(_path(spec, "clip", base, "diversity")))
+        return DiversityReward(ClipImageEncoder.from_folder(paths["clip"]))
     return DiversityReward()
 
 
-BUILDERS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
-    "jpeg_compressibility": lambda spec, base: JpegReward("compressibility", int(spec.get("quality", 95))),
-    "jpeg_incompressibility": lambda spec, base: JpegReward("incompressibility", int(spec.get("quality", 95))),
-    "aesthetic": _aesthetic,
-    "pickscore": _pickscore,
-    "clipscore": _clipscore,
-    "hps": _hps,
-    "imagereward": _imagereward,  # path: ImageReward.pt, tokenizer: a bert-base-uncased folder
-    "face": _face,  # path: kornia YuNet yunet_final.pth
-    "hand": _hand,  # path: an OWL-ViT / OWLv2 folder
-    "diversity": _diversity,
-}
-KEYS = {"kind", "path", "clip", "weight", "quality", "tokenizer"}
+_ALL = (
+    RewardKind("jpeg_compressibility", "JPEG compressibility", _jpeg("compressibility"), settings=("quality",)),
+    RewardKind("jpeg_incompressibility", "JPEG incompressibility", _jpeg("incompressibility"), settings=("quality",)),
+    RewardKind("aesthetic", "aesthetic (LAION, CLIP ViT-L/14)", _aesthetic,
+               (Slot("path", (published.AESTHETIC_HEAD,)), Slot("clip", (published.CLIP_L14,)))),
+    RewardKind("pickscore", "PickScore", _pickscore, (Slot("path", (published.PICKSCORE,)),)),
+    RewardKind("hps", "HPS v2 / v2.1", _hps, (Slot("path", (published.HPS_V21, published.HPS_V2)),)),
+    RewardKind("clipscore", "CLIPScore", _clipscore, (Slot("path", (published.CLIPSCORE,)),)),
+    RewardKind("imagereward", "ImageReward", _imagereward,
+               (Slot("path", (published.IMAGEREWARD,), companions=("med_config.json",)),
+                Slot("tokenizer", (published.IMAGEREWARD_TOKENIZER,), marker="vocab.txt", folder_only=True))),
+    RewardKind("face", "face (YuNet detection confidence)", _face, (Slot("path", (published.FACE_YUNET,)),)),
+    RewardKind("hand", "hand (OWL-ViT / OWLv2 detection confidence)", _hand,
+               (Slot("path", (published.HAND_OWL, published.HAND_OWL_V1)),)),
+    RewardKind("diversity", "diversity", _diversity, (Slot("clip", (published.CLIPSCORE,), optional=True),)),
+)
+KINDS: dict[str, RewardKind] = {k.name: k for k in _ALL}
+# saved workflows store the node's label ("PickScore"), configs the kind name ("pickscore"): both select it
+_BY_LABEL = {k.label: k for k in _ALL}
+
+
+def reward_kind(name: str) -> RewardKind:
+    """A kind by its name or by the label the Reward Model Loader node shows (what saved workflows hold)."""
+    found = KINDS.get(name) or _BY_LABEL.get(name)
+    if found is None:
+        raise ValueError(f"unknown reward kind {name!r}; choose one of {', '.join(KINDS)}")
+    return found
+
+
+def locate(kind: RewardKind, entries: Mapping[str, Any], find: Find) -> Paths:
+    """Each slot's weights: its entry, or with none the first of its published names that `find` finds.
+    An optional slot without an entry is left out."""
+    paths: Paths = {}
+    for slot in kind.slots:
+        entry = entries.get(slot.key)
+        if entry:
+            paths[slot.key] = find(str(entry), slot, slot.published[0])
+        elif not slot.optional:
+            paths[slot.key] = _first_published(slot, find)
+    return paths
+
+
+def _first_published(slot: Slot, find: Find) -> Path:
+    """The preferred published weights, else the next accepted ones; none there: the error names them all."""
+    first, *others = slot.published
+    try:
+        return find(first.name, slot, first)
+    except MissingWeightsError as e:
+        if not others:
+            raise
+        missing = e
+    for alt in others:
+        try:
+            return find(alt.name, slot, alt)
+        except MissingWeightsError:
+            continue
+    also = "; ".join(f"{p.what} ({p.name})" for p in others)
+    raise MissingWeightsError(first, missing.looked_at, f"{also} works too.") from None
+
+
+def watched_files(kind: RewardKind, paths: Paths) -> list[Path]:
+    """The located weights and their companion files that exist: what a loaded reward depends on."""
+    files = []
+    for slot in kind.slots:
+        if slot.key in paths:
+            files.append(paths[slot.key])
+            files += [c for c in (paths[slot.key].parent / n for n in slot.companions) if c.is_file()]
+    return files
+
+
+def _relative_to(base_dir: Path) -> Find:
+    def find(entry: str, slot: Slot, wanted: Published) -> Path:
+        p = Path(entry).expanduser()
+        return p if p.is_absolute() else base_dir / p
+    return find
 
 
 def build_reward(spec: dict[str, Any], base_dir: str | Path = ".", device: torch.device | str = "cpu"):
-    """One reward from its spec, its model (if any) on `device`, in eval mode."""
+    """One reward from a headless spec, its model (if any) on `device`, in eval mode. A config names every
+    weight path (relative ones against `base_dir`): nothing is looked up by published name behind its back."""
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ValueError(f"a reward spec is a mapping with a 'kind', got {spec!r}")
-    kind = str(spec["kind"])
-    if kind not in BUILDERS:
-        raise ValueError(f"unknown reward kind {kind!r}; choose one of {', '.join(sorted(BUILDERS))}")
-    unknown = sorted(set(spec) - KEYS)
+    kind = reward_kind(str(spec["kind"]))
+    unknown = sorted(set(spec) - kind.keys())
     if unknown:
-        raise ValueError(f"reward {kind!r}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(KEYS))}")
-    reward = BUILDERS[kind](spec, Path(base_dir))
+        raise ValueError(f"reward {kind.name!r}: unknown key(s) {', '.join(unknown)}; "
+                         f"valid keys are {', '.join(sorted(kind.keys()))}")
+    for slot in kind.slots:
+        if not slot.optional and not spec.get(slot.key):
+            raise ValueError(f"reward {kind.name!r} needs '{slot.key}': the local path of {slot.wanted()}")
+    reward = kind.build(locate(kind, spec, _relative_to(Path(base_dir))), spec)
     if isinstance(reward, torch.nn.Module):
         reward = reward.to(device).eval()
     return reward

@@ -60,6 +60,9 @@ HAND_OWL = Published(
     "OWL-ViT / OWLv2 detector (hand reward)", "owlv2-base-patch16-ensemble/",
     "huggingface.co/google/owlv2-base-patch16-ensemble (or google/owlvit-base-patch32)",
     contents="config.json, model weights, preprocessor_config.json and tokenizer files")
+HAND_OWL_V1 = Published(
+    "OWL-ViT", "owlvit-base-patch32/", "huggingface.co/google/owlvit-base-patch32",
+    contents="config.json, model weights, preprocessor_config.json and tokenizer files")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -69,7 +72,7 @@ class MissingWeightsError(FileNotFoundError):
         where = f" Looked at: {looked_at}." if looked_at else ""
         more = f" {detail}" if detail else ""
         super().__init__(f"Missing {published.describe()}.{where}{more}")
-        self.published = published
+        self.published, self.looked_at = published, looked_at
 
 
 class BadWeightsError(ValueError):

@@ -207,7 +207,7 @@ def test_example_config_is_valid():
     settings = cli.load_settings(cli.parse_args(["--config", str(REPO / "examples" / "headless_run.yaml")]))
     cfg = config.make_config(settings.preset, **settings.train)
     assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 16
-    assert all(r["kind"] in registry.BUILDERS for r in settings.reward)
+    assert all(r["kind"] in registry.KINDS and set(r) <= registry.KINDS[r["kind"]].keys() for r in settings.reward)
     assert settings.base_dir == REPO / "examples" and settings.path(settings.prompts) == REPO / "examples" / "prompts.txt"
 
 

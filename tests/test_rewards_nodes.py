@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import conftest  # noqa: F401  (ComfyUI and the pack as texforce_pack)
-from reward_builders import AESTHETIC_HEAD_FILE, reward_models_folder, tiny_hf_clip, tiny_imagereward
+from reward_builders import (AESTHETIC_HEAD_FILE, reward_models_folder, tiny_hf_clip, tiny_imagereward,
+                             tiny_owl)
 
 from texforce_pack.nodes import reward_nodes as rn  # noqa: E402
+from texforce_pack.rewards import registry  # noqa: E402
 from texforce_pack.rewards.base import RewardInputError  # noqa: E402
 from texforce_pack.rewards.weights import MissingWeightsError  # noqa: E402
 
@@ -84,6 +86,20 @@ def test_missing_weights_name_the_file_the_folder_and_the_source(empty_dir):
     folder_paths.filename_list_cache.pop(rn.FOLDER, None)
     with pytest.raises(MissingWeightsError, match="no model.safetensors"):
         rn.TexForceRewardModelLoader.execute("PickScore", "PickScore_v1/")
+
+
+def test_auto_falls_back_to_the_older_published_weights(empty_dir):
+    """'auto' takes HPS v2 when v2.1 is not there, and OWL-ViT when OWLv2 is not; the loader builds from it."""
+    (empty_dir / "HPS_v2_compressed.pt").write_bytes(b"")
+    tiny_owl(empty_dir / "owlvit-base-patch32", seed=6)
+    folder_paths.filename_list_cache.pop(rn.FOLDER, None)
+    hps = registry.locate(registry.reward_kind("HPS v2 / v2.1"), {}, rn.find_entry)
+    assert hps == {"path": empty_dir / "HPS_v2_compressed.pt"}
+    with torch.inference_mode():
+        hand = rn.TexForceRewardModelLoader.execute("hand (OWL-ViT / OWLv2 detection confidence)", rn.AUTO).args[0]
+    assert hand.reward.model.config.model_type == "owlvit"
+    assert hand(torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))).shape == (1,)
+    rn._cache.clear()
 
 
 def test_loader_caches_by_path_and_mtime_and_uses_comfy_model_management(reward_dir):

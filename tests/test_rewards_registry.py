@@ -16,6 +16,7 @@ clip_models = importlib.import_module(f"{pack.__name__}.rewards.clip_models")
 imagereward = importlib.import_module(f"{pack.__name__}.rewards.imagereward")
 detectors = importlib.import_module(f"{pack.__name__}.rewards.detectors")
 jpeg = importlib.import_module(f"{pack.__name__}.rewards.jpeg")
+weights = importlib.import_module(f"{pack.__name__}.rewards.weights")
 
 PROMPTS = ["a photo of a cat", "a red cube"]
 
@@ -76,3 +77,60 @@ def test_bad_specs_are_clear(folder):
                               base_dir=folder)
     with pytest.raises(ValueError, match="no reward given"):
         registry.build_rewards([])
+    # a missing path names the model, its file and where it is published, and the accepted alternative
+    with pytest.raises(ValueError, match=r"reward 'hps' needs 'path': the local path of HPS v2\.1: "
+                                         r"'HPS_v2\.1_compressed\.pt', published at huggingface\.co/xswu/HPSv2.*"
+                                         r"or HPS v2: 'HPS_v2_compressed\.pt'"):
+        registry.build_reward({"kind": "hps"})
+    # keys are checked per kind: a setting another kind takes is refused
+    with pytest.raises(ValueError, match="reward 'pickscore': unknown key.s. quality; valid keys are kind, path, weight"):
+        registry.build_reward({"kind": "pickscore", "path": "PickScore_v1", "quality": 90}, base_dir=folder)
+
+
+def test_a_kind_is_found_by_its_name_or_by_the_label_saved_workflows_hold():
+    labels = {"aesthetic (LAION, CLIP ViT-L/14)": "aesthetic", "PickScore": "pickscore", "HPS v2 / v2.1": "hps",
+              "CLIPScore": "clipscore", "ImageReward": "imagereward", "face (YuNet detection confidence)": "face",
+              "hand (OWL-ViT / OWLv2 detection confidence)": "hand"}
+    for label, name in labels.items():
+        assert registry.reward_kind(label) is registry.reward_kind(name) is registry.KINDS[name]
+    with pytest.raises(ValueError, match="unknown reward kind 'PickScore v2'; choose one of jpeg_compressibility"):
+        registry.reward_kind("PickScore v2")
+
+
+def _find_in(folder):
+    def find(entry, slot, wanted):
+        path = folder / entry
+        if not path.exists():
+            raise weights.MissingWeightsError(wanted, path)
+        return path
+    return find
+
+
+@pytest.mark.parametrize("kind, preferred, fallback", [("hps", "HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt"),
+                                                       ("hand", "owlv2-base-patch16-ensemble/", "owlvit-base-patch32/")])
+def test_auto_takes_the_first_published_weights_that_are_there(tmp_path, kind, preferred, fallback):
+    entry, find = registry.reward_kind(kind), _find_in(tmp_path)
+    with pytest.raises(weights.MissingWeightsError) as e:
+        registry.locate(entry, {}, find)
+    message = str(e.value)
+    assert f"'{preferred}'" in message and f"({fallback}) works too" in message and str(tmp_path) in message
+    (tmp_path / fallback).mkdir() if fallback.endswith("/") else (tmp_path / fallback).write_bytes(b"")
+    assert registry.locate(entry, {}, find) == {"path": tmp_path / fallback}
+    (tmp_path / preferred).mkdir() if preferred.endswith("/") else (tmp_path / preferred).write_bytes(b"")
+    assert registry.locate(entry, {}, find) == {"path": tmp_path / preferred}
+    # an entry given is taken as given: no fallback behind the user's back
+    with pytest.raises(weights.MissingWeightsError, match="mine"):
+        registry.locate(entry, {"path": "mine"}, find)
+
+
+def test_optional_weights_stay_out_and_companions_are_watched(tmp_path):
+    find = _find_in(tmp_path)
+    assert registry.locate(registry.reward_kind("diversity"), {}, find) == {}
+    ir = registry.reward_kind("imagereward")
+    for name in ("ImageReward.pt", "bert-base-uncased"):
+        (tmp_path / name).write_bytes(b"")
+    paths = registry.locate(ir, {"tokenizer": "bert-base-uncased"}, find)
+    assert registry.watched_files(ir, paths) == [tmp_path / "ImageReward.pt", tmp_path / "bert-base-uncased"]
+    (tmp_path / "med_config.json").write_text("{}")
+    assert registry.watched_files(ir, paths) == [tmp_path / "ImageReward.pt", tmp_path / "med_config.json",
+                                                 tmp_path / "bert-base-uncased"]
