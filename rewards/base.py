@@ -1,16 +1,12 @@
-"""What a reward is: images (B×H×W×C floats in 0..1) and their prompts in, one score per image out."""
+"""The input checks every reward shares.
+
+What a reward is (images B×H×W×C floats in 0..1 and their prompts in, one score per image out) and what a mix
+offers besides are stated once, on the Trainer's side, in training/reward.py (Reward, MixedReward): rewards/
+and training/ never import each other, so a reward meets those protocols by its shape alone.
+"""
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
-
-
-class Reward(Protocol):
-    name: str
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Scores, shape (B,), float32 on the CPU; higher is better."""
 
 
 class RewardInputError(ValueError):

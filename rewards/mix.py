@@ -58,6 +58,8 @@ class RunningStats:
 
 
 class RewardMix:
+    """Several rewards as one; it is the MixedReward of training/reward.py, which the Trainer scores by component."""
+
     def __init__(self, rewards: Sequence[RewardFn], weights: Sequence[float], normalize: bool = True):
         if not rewards:
             raise ValueError("a reward mix needs at least one reward")

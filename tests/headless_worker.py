@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import training.loop as loop  # noqa: E402
 from rewards.registry import build_rewards  # noqa: E402
 from training.cli import main  # noqa: E402
+from training.reward import MixedReward  # noqa: E402
 
 TRACE_DIR = os.environ.get("TRACE_DIR")
 _original_step = loop.Trainer._optimizer_step
@@ -45,8 +46,11 @@ class InjectedFaults:
         self.interrupt_at = int(os.environ.get("INTERRUPT_AT_CALL", "0"))
         self.fail_rank, self.fail_at = int(os.environ.get("FAIL_RANK", "-1")), int(os.environ.get("FAIL_AT_CALL", "0"))
         self.calls = 0
-        if hasattr(reward, "score_components"):  # a mix: the trainer scores components, then combines the epoch
+        if isinstance(reward, MixedReward):  # the trainer scores a mix's components, then combines the epoch
             self.score_components = self._score_components
+            # stated here, not left to __getattr__: protocol isinstance checks look attributes up statically
+            self.combine, self.state_dict, self.load_state_dict = (reward.combine, reward.state_dict,
+                                                                   reward.load_state_dict)
 
     def _count(self) -> None:
         self.calls += 1
@@ -63,7 +67,7 @@ class InjectedFaults:
         self._count()
         return self.reward.score_components(images, prompts)
 
-    def __getattr__(self, name):  # name, combine, state_dict, load_state_dict: the real reward's
+    def __getattr__(self, name):  # name and the rest: the real reward's
         if name in ("reward", "score_components"):
             raise AttributeError(name)
         return getattr(self.reward, name)

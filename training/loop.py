@@ -38,10 +38,10 @@ from .distributed import SingleProcess
 from .host import Cond, Host
 from .lora.family import encoders_label, family_label
 from .losses import PolicyLoss, dpok_kl, ppo_clip_loss, sf_loss
+from .reward import MixedReward, Reward
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 _SEED_RANGE = 2 ** 62
 
 
@@ -151,7 +151,7 @@ def _mean(values: list[torch.Tensor]) -> float:
 class Trainer:
     """Trains the host's text-encoder LoRA against `reward_fn(images, prompts) -> tensor[B]`."""
 
-    def __init__(self, host: Host, reward_fn: RewardFn, prompts: list[str], cfg: TrainConfig,
+    def __init__(self, host: Host, reward_fn: Reward, prompts: list[str], cfg: TrainConfig,
                  checkpoint_path: str | os.PathLike | None = None,
                  on_epoch: Callable[[EpochStats], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, resume: bool = True, dist=None):
@@ -370,7 +370,7 @@ class Trainer:
                           images=torch.cat(images), rewards=torch.cat(rewards))
 
     def _score(self, images: torch.Tensor, prompts: list[str], raw_components: bool = False) -> torch.Tensor:
-        if raw_components and hasattr(self.reward_fn, "score_components"):
+        if raw_components and isinstance(self.reward_fn, MixedReward):
             r = torch.as_tensor(self.reward_fn.score_components(images, prompts)).detach().float().cpu()
             if r.ndim != 2 or r.shape[0] != len(prompts):
                 raise ValueError(f"the reward mix returned components of shape {tuple(r.shape)} for {len(prompts)} images")
@@ -611,7 +611,7 @@ class Trainer:
             "prompts_sha256": prompts_digest(self.prompts),
             "model": self._model_identity(),  # None for a host that does not say
             # a reward with running statistics (a normalised mix) keeps its scale across a resume
-            **({"reward_state": self.reward_fn.state_dict()} if hasattr(self.reward_fn, "state_dict") else {}),
+            **({"reward_state": self.reward_fn.state_dict()} if isinstance(self.reward_fn, MixedReward) else {}),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -627,6 +627,6 @@ class Trainer:
             self.gen_train.set_state(state["rng"]["train"])
             self.epoch = int(state["epoch"])
             self.history = list(state["history"])
-            if "reward_state" in state and hasattr(self.reward_fn, "load_state_dict"):
+            if "reward_state" in state and isinstance(self.reward_fn, MixedReward):
                 self.reward_fn.load_state_dict(state["reward_state"])
 
