@@ -91,13 +91,6 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
     return v
 
 
-def ddim_std(abar_t: float | torch.Tensor, abar_prev: float | torch.Tensor, eta: float) -> torch.Tensor:
-    """σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev) (DDIM eq. 16), in fp32."""
-    at = torch.as_tensor(abar_t, dtype=torch.float32)
-    ap = torch.as_tensor(abar_prev, dtype=torch.float32, device=at.device)
-    return eta * torch.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
-
-
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.Tensor,
               abar_prev: float | torch.Tensor, eta: float, noise: torch.Tensor | None = None,
               prev_sample: torch.Tensor | None = None
