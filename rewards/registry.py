@@ -18,6 +18,12 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import weights as published
+from .aesthetic import AestheticReward
+from .clip_models import ClipImageEncoder, ClipScoreReward, PickScoreReward
+from .detectors import FaceReward, HandReward
+from .diversity import DiversityReward
+from .hps import HpsReward
+from .imagereward import ImageRewardModel
 from .jpeg import JpegReward
 from .mix import RewardMix
 from .weights import MissingWeightsError, Published
@@ -62,62 +68,30 @@ def _jpeg(mode: str) -> Callable[[Paths, Mapping[str, Any]], JpegReward]:
     return lambda paths, spec: JpegReward(mode, int(spec.get("quality", 95)))
 
 
-def _aesthetic(paths: Paths, spec: Mapping[str, Any]):
-    from .aesthetic import AestheticReward
-    return AestheticReward.from_files(paths["clip"], paths["path"])
-
-
-def _pickscore(paths: Paths, spec: Mapping[str, Any]):
-    from .clip_models import PickScoreReward
-    return PickScoreReward.from_folder(paths["path"])
-
-
-def _clipscore(paths: Paths, spec: Mapping[str, Any]):
-    from .clip_models import ClipScoreReward
-    return ClipScoreReward.from_folder(paths["path"])
-
-
-def _hps(paths: Paths, spec: Mapping[str, Any]):
-    from .hps import HpsReward
-    return HpsReward.from_checkpoint(paths["path"])
-
-
-def _imagereward(paths: Paths, spec: Mapping[str, Any]):
-    from .imagereward import ImageRewardModel
-    return ImageRewardModel.from_files(paths["path"], paths["tokenizer"])
-
-
-def _face(paths: Paths, spec: Mapping[str, Any]):
-    from .detectors import FaceReward
-    return FaceReward.from_file(paths["path"])
-
-
-def _hand(paths: Paths, spec: Mapping[str, Any]):
-    from .detectors import HandReward
-    return HandReward.from_folder(paths["path"])
-
-
-def _diversity(paths: Paths, spec: Mapping[str, Any]):
-    from .diversity import DiversityReward
-    if "clip" in paths:
-        from .clip_models import ClipImageEncoder
-        return DiversityReward(ClipImageEncoder.from_folder(paths["clip"]))
-    return DiversityReward()
+def _diversity(paths: Paths, spec: Mapping[str, Any]) -> DiversityReward:
+    return DiversityReward(ClipImageEncoder.from_folder(paths["clip"]) if "clip" in paths else None)
 
 
 _ALL = (
     RewardKind("jpeg_compressibility", "JPEG compressibility", _jpeg("compressibility"), settings=("quality",)),
     RewardKind("jpeg_incompressibility", "JPEG incompressibility", _jpeg("incompressibility"), settings=("quality",)),
-    RewardKind("aesthetic", "aesthetic (LAION, CLIP ViT-L/14)", _aesthetic,
+    RewardKind("aesthetic", "aesthetic (LAION, CLIP ViT-L/14)",
+               lambda paths, spec: AestheticReward.from_files(paths["clip"], paths["path"]),
                (Slot("path", (published.AESTHETIC_HEAD,)), Slot("clip", (published.CLIP_L14,)))),
-    RewardKind("pickscore", "PickScore", _pickscore, (Slot("path", (published.PICKSCORE,)),)),
-    RewardKind("hps", "HPS v2 / v2.1", _hps, (Slot("path", (published.HPS_V21, published.HPS_V2)),)),
-    RewardKind("clipscore", "CLIPScore", _clipscore, (Slot("path", (published.CLIPSCORE,)),)),
-    RewardKind("imagereward", "ImageReward", _imagereward,
+    RewardKind("pickscore", "PickScore", lambda paths, spec: PickScoreReward.from_folder(paths["path"]),
+               (Slot("path", (published.PICKSCORE,)),)),
+    RewardKind("hps", "HPS v2 / v2.1", lambda paths, spec: HpsReward.from_checkpoint(paths["path"]),
+               (Slot("path", (published.HPS_V21, published.HPS_V2)),)),
+    RewardKind("clipscore", "CLIPScore", lambda paths, spec: ClipScoreReward.from_folder(paths["path"]),
+               (Slot("path", (published.CLIPSCORE,)),)),
+    RewardKind("imagereward", "ImageReward",
+               lambda paths, spec: ImageRewardModel.from_files(paths["path"], paths["tokenizer"]),
                (Slot("path", (published.IMAGEREWARD,), companions=("med_config.json",)),
                 Slot("tokenizer", (published.IMAGEREWARD_TOKENIZER,), marker="vocab.txt", folder_only=True))),
-    RewardKind("face", "face (YuNet detection confidence)", _face, (Slot("path", (published.FACE_YUNET,)),)),
-    RewardKind("hand", "hand (OWL-ViT / OWLv2 detection confidence)", _hand,
+    RewardKind("face", "face (YuNet detection confidence)", lambda paths, spec: FaceReward.from_file(paths["path"]),
+               (Slot("path", (published.FACE_YUNET,)),)),
+    RewardKind("hand", "hand (OWL-ViT / OWLv2 detection confidence)",
+               lambda paths, spec: HandReward.from_folder(paths["path"]),
                (Slot("path", (published.HAND_OWL, published.HAND_OWL_V1)),)),
     RewardKind("diversity", "diversity", _diversity, (Slot("clip", (published.CLIPSCORE,), optional=True),)),
 )

@@ -83,7 +83,7 @@ def test_bad_specs_are_clear(folder):
                                          r"or HPS v2: 'HPS_v2_compressed\.pt'"):
         registry.build_reward({"kind": "hps"})
     # keys are checked per kind: a setting another kind takes is refused
-    with pytest.raises(ValueError, match="reward 'pickscore': unknown key.s. quality; valid keys are kind, path, weight"):
+    with pytest.raises(ValueError, match="'pickscore': unknown key.s. quality; valid keys are kind, path, weight"):
         registry.build_reward({"kind": "pickscore", "path": "PickScore_v1", "quality": 90}, base_dir=folder)
 
 
@@ -106,8 +106,9 @@ def _find_in(folder):
     return find
 
 
-@pytest.mark.parametrize("kind, preferred, fallback", [("hps", "HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt"),
-                                                       ("hand", "owlv2-base-patch16-ensemble/", "owlvit-base-patch32/")])
+@pytest.mark.parametrize("kind, preferred, fallback", [
+    ("hps", "HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt"),
+    ("hand", "owlv2-base-patch16-ensemble/", "owlvit-base-patch32/")])
 def test_auto_takes_the_first_published_weights_that_are_there(tmp_path, kind, preferred, fallback):
     entry, find = registry.reward_kind(kind), _find_in(tmp_path)
     with pytest.raises(weights.MissingWeightsError) as e:
