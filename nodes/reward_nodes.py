@@ -25,6 +25,7 @@ from ..rewards import registry
 from ..rewards import weights as published
 from ..rewards.jpeg import JpegReward
 from ..rewards.mix import RewardMix
+from ..training import reward as reward_api
 
 log = logging.getLogger("texforce.rewards")
 
@@ -117,7 +118,7 @@ KINDS = {registry.KINDS[k].label: k for k in
          ("aesthetic", "pickscore", "hps", "clipscore", "imagereward", "face", "hand")}
 
 
-def load_reward(kind: str, model: str | None = AUTO, clip_model: str | None = AUTO):
+def load_reward(kind: str, model: str | None = AUTO, clip_model: str | None = AUTO) -> reward_api.Reward:
     """A reward from the registry, its weights found in reward_models: `model` fills the kind's first weight
     slot, `clip_model` the second; AUTO (or nothing) takes the published names, preferred first. A reward with
     model files is cached and managed by ComfyUI; one without (diversity on pixels) is returned as it is."""
