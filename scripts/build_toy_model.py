@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-cache", type=Path, default=None,
                         help="keep the stage-1 VAE here and reuse it when the file exists")
     parser.add_argument("--batch", type=int, default=32, help="U-Net training batch")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the U-Net and text encoder")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="keep an exponential moving average of the weights with this decay and save it "
+                             "(0: save the last weights); short runs sample much better from the average")
     parser.add_argument("--caption-swap", type=float, default=0.0,
                         help="share of training captions with one attribute word swapped for another value: a "
                              "model whose errors are the text pathway's (words bound loosely to attributes)")
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                for s in scenes])
     tokens = torch.tensor(token_ids)
     params = list(unet.diffusion_model.parameters()) + list(encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    averaged = [p.detach().clone() for p in params] if args.ema else None
     sigmas = unet.model_sampling.sigmas.float()
     g = torch.Generator().manual_seed(args.seed + 3)
     index_t = torch.tensor(index)
@@ -189,25 +194,34 @@ def main(argv: list[str] | None = None) -> int:
         denoised = unet.apply_model(x, sigma, c_crossattn=cond)
         eps_hat = (x - denoised) / sigma.view(-1, 1, 1, 1)
         loss = torch.nn.functional.mse_loss(eps_hat, eps)
-        lr = 1e-3 * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps)))
+        lr = args.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if averaged is not None:
+            decay = min(args.ema, (1 + step) / (10 + step))  # warm-up: early weights are not averaged in for long
+            with torch.no_grad():
+                torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 200 == 0 or step == args.unet_steps - 1:
             log.info("unet %d/%d: loss %.4f (ema %.4f, lr %.2g, %.0f s)", step, args.unet_steps, loss.item(), ema, lr,
                      time.time() - t0)
     for layer in encoder.modules():
         layer.__dict__.pop("forward", None)
+    if averaged is not None:
+        with torch.no_grad():
+            for p, a in zip(params, averaged):
+                p.copy_(a)
 
     # 3. evaluate with ComfyUI's own sampler, save
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in cm.checkpoint_state(unet, clip, ae).items()}
     meta = {"texforce.toy_config": json.dumps(cm.CONFIG), "texforce.toy_seed": str(args.seed),
             "texforce.toy_steps": json.dumps({"vae": args.vae_steps, "unet": args.unet_steps,
-                                              "per_scene": args.per_scene}),
+                                              "per_scene": args.per_scene, "lr": args.lr,
+                                              "ema": args.ema, "caption_swap": args.caption_swap}),
             "modelspec.title": "TexForce toy text-to-image model (64×64, SD 1.x architecture)"}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)

@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=24, help="training epochs (about 15 s each on 2 CPU cores)")
     parser.add_argument("--images-per-prompt", type=int, default=8,
                         help="noises per held-out prompt in the before/after comparison (24 prompts)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the comparison's noise stays fixed)")
+    parser.add_argument("--result", type=Path, default=None,
+                        help="also write the numbers (comparison, reward per epoch, seconds) to this JSON file")
     parser.add_argument("--base", type=Path, default=REPO / "demo_output", help="ComfyUI base directory for the demo")
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--stop", action="store_true",
@@ -102,14 +105,14 @@ TRAIN = {"preset": "fast", "images_per_epoch": 64, "images_per_prompt": 8, "batc
          "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all"}
 
 
-def workflow(name: str, epochs: int, images_per_prompt: int) -> dict:
+def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0) -> dict:
     """Train on the toy's 72 training prompts, then compare the CLIP before and after on its 24 held-out ones."""
     return {
         "toy": {"class_type": "TexForceToyCheckpoint", "inputs": {}},
         "reward": {"class_type": "TexForceToyAlignmentReward", "inputs": {"mode": "soft"}},
         "train": {"class_type": "TexForceTrain", "inputs": {
             **TRAIN, "model": ["toy", 0], "clip": ["toy", 1], "vae": ["toy", 2], "reward": ["reward", 0],
-            "prompts": ["toy", 3], "epochs": epochs, "lora_name": name}},
+            "prompts": ["toy", 3], "epochs": epochs, "lora_name": name, "seed": seed}},
         "compare": {"class_type": "TexForceCompare", "inputs": {
             "model": ["toy", 0], "clip_before": ["toy", 1], "clip_after": ["train", 0], "vae": ["toy", 2],
             "reward": ["reward", 0], "prompts": ["toy", 4], "images_per_prompt": images_per_prompt, "seed": EVAL_SEED,
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training %s on the embedded toy model for %d epochs (toy alignment reward, preset fast; about "
                  "15 s an epoch on 2 CPU cores), then comparing before/after on %d held-out prompts × %d noises ...",
                  name, args.epochs, 24, args.images_per_prompt)
-        entry = client.run(workflow(name, args.epochs, args.images_per_prompt), timeout=3600,
+        entry = client.run(workflow(name, args.epochs, args.images_per_prompt, args.seed), timeout=3600,
                            progress=RunProgress(client, name))
         seconds = time.time() - t0
         out = entry["outputs"]
@@ -156,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("held-out prompts (%d × %d images, ComfyUI's DDIM sampler, fixed noise): alignment %.3f → %.3f, "
                  "change %+.3f ± %.3f (%.1f standard errors)", result["prompts"], result["images_per_prompt"],
                  result["before"], result["after"], result["diff"], result["se"], result["z"])
+        if args.result:
+            args.result.parent.mkdir(parents=True, exist_ok=True)
+            args.result.write_text(json.dumps({"seed": args.seed, "epochs": args.epochs, "seconds": round(seconds, 1),
+                                               "held_out": result, "reward_per_epoch": [h["reward_mean"] for h in history]},
+                                              indent=1))
         log.info("\nComfyUI is still running at %s (pid %d); open it to see the workflow's nodes; stop it with: "
                  "make demo-stop  (or python3 scripts/demo.py --stop)", server.url, server.pid)
         return 0
