@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"preset": args.preset, "overrides": overrides, "runs": results}, indent=1))
     for r in results:
         h = r["held_out"]
-        log.info("seed %d: held-out Δ %+.4f ± %.4f (%.1f SE), all-correct %.3f → %.3f, %.0f s", r["seed"], h["diff"],
-                 h["se"], h["z"], h["acc_before"], h["acc_after"], r["seconds"])
+        log.info("seed %d: held-out Δ %+.4f ± %.4f (%.1f SE), all-correct %.3f → %.3f, pixel distance to the base "
+                 "%.4f; training prompts Δ %+.4f ± %.4f; %.0f s", r["seed"], h["diff"], h["se"], h["z"], h["acc_before"],
+                 h["acc_after"], h["image_distance"], r["train"]["diff"], r["train"]["se"], r["seconds"])
     return 0
 
 

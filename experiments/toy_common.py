@@ -44,14 +44,16 @@ def load(checkpoint: str | None = None):
 
 def paired_eval(trainer, world, prompts: list[str], seeds: int, seed: int = EVAL_SEED) -> dict:
     """Every prompt × `seeds` noises with the LoRA off (the base model) and on: the soft reward's paired change
-    (training/evaluation.py) and the strict accuracy before and after."""
+    (training/evaluation.py), the strict accuracy before and after, and the mean pixel distance between them."""
     batch = [p for p in prompts for _ in range(seeds)]
     base = trainer.generate(batch, seed, lora=False)
     tuned = trainer.generate(batch, seed, lora=True)
     result = pack_module("training.evaluation").paired(world.alignment(base, batch), world.alignment(tuned, batch))
     return {**result.__dict__, "z": result.z, "line": result.line("alignment"),
             "acc_before": float(world.alignment(base, batch, strict=True).mean()),
-            "acc_after": float(world.alignment(tuned, batch, strict=True).mean())}
+            "acc_after": float(world.alignment(tuned, batch, strict=True).mean()),
+            # how far the LoRA moved the pictures (DPOK's trade-off): mean absolute pixel change, 0..1
+            "image_distance": float((tuned - base).abs().mean())}
 
 
 def grid(images_rows: list[torch.Tensor], path: Path, scale: int = 2) -> Path:
