@@ -5,7 +5,6 @@ patches, so the arithmetic is exactly the one the stock LoraLoader uses.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import comfy.lora
@@ -13,11 +12,10 @@ import comfy.lora_convert
 import torch
 
 from ..training.lora import LoraFileError, LoraModule, LoraSet
-from ..training.lora.family import (FAMILY_LABELS, FAMILY_NAMES, describe_lora, family_mismatch, family_of_encoders,
-                                    lora_family, lora_shape)
-from ..training.lora.keys import slot_for_encoder, split_suffix
-
-_ENCODER_KEY = re.compile(r"^(clip_[lgh])\.transformer\.(.+)\.weight$")
+from ..training.lora.family import (ENCODERS, FAMILIES, comfy_encoder_module, encoders_for_slot, family_names,
+                                    family_of_encoders, slot_for_encoder)
+from ..training.lora.family_detect import describe_lora, family_mismatch, lora_family, lora_shape
+from ..training.lora.keys import split_suffix
 
 
 @dataclass
@@ -35,10 +33,10 @@ class ClipLayout:
         encoders: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
         others: set[str] = set()
         for key, param in clip.cond_stage_model.named_parameters():
-            m = _ENCODER_KEY.match(key)
-            if m and param.ndim == 2:
-                encoders.setdefault(m.group(1), {})[m.group(2)] = (key, tuple(param.shape))
-            elif not key.startswith(("clip_l.", "clip_g.", "clip_h.")):
+            m = comfy_encoder_module(key)
+            if m and m[1].endswith(".weight") and param.ndim == 2:
+                encoders.setdefault(m[0], {})[m[1][:-len(".weight")]] = (key, tuple(param.shape))
+            elif key.split(".", 1)[0] not in ENCODERS:
                 others.add(key.split(".", 1)[0])
         return cls(encoders, sorted(others))
 
@@ -55,7 +53,7 @@ class ClipLayout:
     def label(self) -> str:
         """'SDXL (CLIP-L + CLIP-G)', or what the CLIP holds when it is no SD family."""
         family = self.family
-        return FAMILY_LABELS[family] if family else f"a CLIP with {', '.join(self.names + self.others) or 'no encoder'}"
+        return FAMILIES[family].label if family else f"a CLIP with {', '.join(self.names + self.others) or 'no encoder'}"
 
     def describe(self) -> str:
         parts = []
@@ -66,15 +64,7 @@ class ClipLayout:
 
     def candidates(self, slot: str) -> list[str]:
         """Encoders a file slot can mean on this CLIP (ComfyUI's own mapping, plus shape checks later)."""
-        names = self.names
-        sdxl = "clip_l" in names and "clip_g" in names
-        if slot in ("clip_l", "clip_g", "clip_h"):
-            return [slot] if slot in names else []
-        if slot == "te2":
-            return ["clip_g"] if sdxl else []
-        if sdxl:
-            return ["clip_l"]
-        return names[:1]
+        return encoders_for_slot(slot, self.names)
 
 
 @dataclass
@@ -92,11 +82,11 @@ def check_family(lora: LoraSet, layout: ClipLayout) -> None:
     if mismatch:
         raise LoraFileError(
             f"{lora.source}: {mismatch}. The file has {lora_shape(lora)}; the CLIP has {layout.describe()}. "
-            f"Use it with an {FAMILY_NAMES[lora_family(lora)]} checkpoint, or a LoRA made for "
-            f"{FAMILY_NAMES[layout.family]}.")
+            f"Use it with an {FAMILIES[lora_family(lora)].name} checkpoint, or a LoRA made for "
+            f"{FAMILIES[layout.family].name}.")
 
 
-def resolve(lora: LoraSet, layout: ClipLayout) -> Resolved:
+def match_to_clip(lora: LoraSet, layout: ClipLayout) -> Resolved:
     """Map every text-encoder module of a file onto this CLIP, checking family and shapes; raise if nothing fits."""
     check_family(lora, layout)
     res = Resolved()
@@ -123,7 +113,7 @@ def resolve(lora: LoraSet, layout: ClipLayout) -> Resolved:
         raise LoraFileError(
             f"{lora.source}: its text-encoder weights do not fit this CLIP ({len(res.mismatched)} module(s), e.g. "
             f"{res.mismatched[0]}). The LoRA is for {describe_lora(lora)}; this CLIP is {layout.label}: "
-            f"{layout.describe()}. Use a LoRA made for this model family (SD 1.x, SD 2.x or SDXL)."
+            f"{layout.describe()}. Use a LoRA made for this model family ({family_names()})."
         )
     if lora.modules and not res.modules:
         raise LoraFileError(

@@ -6,8 +6,9 @@ import logging
 from comfy_api.latest import io
 
 from ..training.lora import LoraFileError, fuse_loras, save_kohya
-from ..training.lora.family import FAMILY_LABELS, lora_family
-from .lora_apply import ClipLayout, clip_patches, looks_like_unet, resolve, to_file_slots, unet_patches
+from ..training.lora.family import FAMILIES
+from ..training.lora.family_detect import lora_family
+from .lora_apply import ClipLayout, clip_patches, looks_like_unet, match_to_clip, to_file_slots, unet_patches
 from .lora_files import NONE, display_path, file_state, load_lora_file, lora_choices, lora_file_state, save_path
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class TexForceLoraLoader(io.ComfyNode):
         lines = []
         for i, name, strength in _rows(kwargs, "strength"):
             lora = load_lora_file(name)
-            res = resolve(lora, layout)
+            res = match_to_clip(lora, layout)
             unet, unmatched = unet_patches(lora.other, out_model)
             if not res.modules and not unet:
                 if looks_like_unet(list(lora.other)) and model is None:
@@ -114,7 +115,7 @@ def _report(i, name, strength, lora, res, n_unet, unmatched, has_model) -> list[
         per_encoder[enc] = per_encoder.get(enc, 0) + 1
     lines = [f"[{i}] {name}  strength {strength:g}",
              f"    format: {lora.format}; rank {_fmt(lora.ranks())}, alpha {_fmt(lora.alphas())}"
-             + (f"; for {FAMILY_LABELS[family]}" if (family := lora_family(lora)) else ""),
+             + (f"; for {FAMILIES[family].label}" if (family := lora_family(lora)) else ""),
              "    text encoders: " + (", ".join(f"{e} {n} modules" for e, n in sorted(per_encoder.items())) or "none")]
     if n_unet or (lora.other and has_model):
         lines.append(f"    U-Net: {n_unet} modules")
@@ -181,7 +182,7 @@ class TexForceLoraFuse(io.ComfyNode):
         weighted, lines = [], []
         for i, name, weight in rows:
             lora = load_lora_file(name)
-            res = resolve(lora, layout)
+            res = match_to_clip(lora, layout)
             if not res.modules:
                 raise LoraFileError(f"{name}: has no text-encoder weights to fuse.")
             weighted.append((to_file_slots(res, layout, name), weight))
@@ -190,7 +191,7 @@ class TexForceLoraFuse(io.ComfyNode):
         save_kohya(fused, target, family=layout.family,
                    metadata={"fused_from": [{"file": n, "weight": w} for _, n, w in rows]})
         _WRITES[str(target)] = _WRITES.get(str(target), 0) + 1
-        res = resolve(fused, layout)
+        res = match_to_clip(fused, layout)
         out_clip = clip.clone()
         out_clip.add_patches(clip_patches(res), 1.0)
         lines.append(f"wrote {display_path(target)}: {len(fused.modules)} modules, rank {_fmt(fused.ranks())}")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.utils
@@ -20,11 +19,11 @@ from ..training.checkpoint import prompts_digest
 from ..training.config import PRESETS, ConfigError, config_to_dict, make_config
 from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora, save_kohya
-from ..training.lora.family import ENCODER_LABELS, family_label, native_size
+from ..training.lora.family import ENCODER_LABELS, family_label, family_of_comfy_config, native_size
 from ..training.lora.read import read_metadata
 from ..training.loop import Trainer, TrainingCancelled
 from . import progress
-from .lora_apply import ClipLayout, clip_patches, resolve
+from .lora_apply import ClipLayout, clip_patches, match_to_clip
 from .lora_files import save_path
 from .reward_curve import reward_curve_image
 from .reward_nodes import Reward
@@ -59,16 +58,13 @@ def _send(payload: dict) -> None:
 
 
 def native_resolution(model) -> int:
-    """The family's native size (training/lora/family.py: native_size) for this MODEL, or the size its config
+    """The family's native size (the registry, training/lora/family.py) for this MODEL, or the size its config
     states (`texforce_native_size`: the embedded toy checkpoint is SD 1.x-shaped but draws 64×64)."""
-    base = model.model
-    stated = getattr(getattr(base, "model_config", None), "texforce_native_size", None)
+    config = getattr(model.model, "model_config", None)
+    stated = getattr(config, "texforce_native_size", None)
     if stated:
         return int(stated)
-    if isinstance(base, comfy.model_base.SDXL):
-        return native_size("sdxl")
-    sd2 = type(getattr(base, "model_config", None)).__name__.startswith("SD2")
-    return native_size("sd2" if sd2 else "sd1",
+    return native_size(family_of_comfy_config(config),
                        isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION))
 
 
@@ -276,7 +272,7 @@ class TexForceTrain(io.ComfyNode):
         trained = read_lora(lora_path)
         trained.source = lora_path.name
         out_clip = clip.clone()
-        out_clip.add_patches(clip_patches(resolve(trained, layout)), 1.0)
+        out_clip.add_patches(clip_patches(match_to_clip(trained, layout)), 1.0)
         curve = reward_curve_image([h["reward_mean"] for h in history], [h["reward_std"] for h in history],
                                    title=f"{lora_name}: {meta['reward']} per epoch")
         return io.NodeOutput(out_clip, str(lora_path), curve, samples.float().cpu())

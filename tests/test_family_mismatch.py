@@ -35,7 +35,7 @@ def ours(clip, family: str, path):
     lora = pack.training.lora.LoraSet(source="x", format="kohya")
     encs = {e for e, _ in random_lora(clip)}
     for (enc, p), (d, u, a) in random_lora(clip).items():
-        slot = pack.training.lora.keys.slot_for_encoder(enc, sorted(encs))
+        slot = pack.training.lora.family.slot_for_encoder(enc, sorted(encs))
         lora.modules[(slot, p)] = pack.training.lora.LoraModule(down=d, up=u, alpha=a)
     return pack.training.lora.save_kohya(lora, path, family=family).name
 

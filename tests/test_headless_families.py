@@ -283,5 +283,5 @@ def test_sdxl_same_gradients_per_encoder(tiny, encoder):
 
 
 def _param_names(host) -> list[str]:
-    keys = host.lora.keys if hasattr(host, "lora") else host._staging.keys
+    keys = host.lora.keys if hasattr(host, "lora") else host.keys
     return [f"down:{k[0]}:{k[1]}" for k in keys] + [f"up:{k[0]}:{k[1]}" for k in keys]

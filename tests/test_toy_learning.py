@@ -99,8 +99,8 @@ def test_compare_is_paired_the_same_clip_changes_nothing_and_another_one_does(to
     with torch.no_grad():
         for p in host.lora.up:
             p.normal_(0, 0.5)
-    from texforce_pack.nodes.lora_apply import ClipLayout, clip_patches, resolve
+    from texforce_pack.nodes.lora_apply import ClipLayout, clip_patches, match_to_clip
 
-    other.add_patches(clip_patches(resolve(host.lora.to_lora_set("random"), ClipLayout.of(clip))), 1.0)
+    other.add_patches(clip_patches(match_to_clip(host.lora.to_lora_set("random"), ClipLayout.of(clip))), 1.0)
     moved = TexForceCompare.execute(model, clip, other, vae, Reward(), prompts, **args)
     assert not torch.equal(moved.result[4], moved.result[5])

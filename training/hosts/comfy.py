@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import types
 from typing import Iterator
 
@@ -29,11 +28,11 @@ import comfy.samplers
 
 from ..ddim import abar_from_sigma, eps_from_denoised_k, sigma_from_abar, vp_to_k
 from ..host import Cond, Predict
-from ..lora.family import ENCODER_LABELS, encoders_label, family_label, family_of_encoders
-from ..lora.keys import parse_state_dict, slot_for_encoder
+from ..lora.family import (ENCODER_LABELS, FAMILIES, attention_path, comfy_encoder_module, encoders_label,
+                           family_label, family_names, family_of_comfy_config, family_of_encoders, listed,
+                           slot_for_encoder)
+from ..lora.keys import parse_state_dict
 from ..lora.trainable import TrainableLora
-
-_TARGET = re.compile(r"^(clip_[lgh])\.transformer\.(text_model\.encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj)$")
 
 
 def _detached(w: torch.Tensor) -> torch.Tensor:
@@ -109,9 +108,9 @@ class ComfyHost:
         self.clip = clip.clone()
         targets: dict[tuple[str, str], str] = {}  # (encoder, module path) -> state-dict key of its weight
         for name, module in self.clip.cond_stage_model.named_modules():
-            m = _TARGET.match(name)
-            if m:
-                targets[(m.group(1), m.group(2))] = f"{name}.weight"
+            m = comfy_encoder_module(name)
+            if m and attention_path(m[1]) == m[1]:  # q/k/v/out of a CLIP layer
+                targets[m] = f"{name}.weight"
         self.model_encoders = sorted({enc for enc, _ in targets})
         self.family = family_of_encoders(self.model_encoders)
         self.encoders = self._check_encoders(encoders)
@@ -136,8 +135,8 @@ class ComfyHost:
         """The encoders to train (all of the CLIP's by default); naming one the CLIP lacks is an error."""
         have = self.model_encoders
         if not have:
-            raise ValueError("this CLIP has no CLIP text encoder (CLIP-L, CLIP-G or OpenCLIP-H); TexForce trains "
-                             "LoRAs on those only (SD 1.x, SD 2.x, SDXL).")
+            raise ValueError(f"this CLIP has no CLIP text encoder ({listed(ENCODER_LABELS.values())}); TexForce "
+                             f"trains LoRAs on those only ({family_names('')}).")
         wanted = have if encoders is None else list(dict.fromkeys(encoders))
         missing = [e for e in wanted if e not in have]
         if missing or not wanted:
@@ -153,7 +152,7 @@ class ComfyHost:
         sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else None
         if sampling is None or not hasattr(sampling, "sigmas") or sampling.sigmas.numel() < 2:
             raise ValueError("TexForce training needs a diffusion MODEL with a discrete noise schedule "
-                             "(SD 1.x, SD 2.x, SDXL).")
+                             f"({family_names('')}).")
         if type(sampling).__name__.startswith(("ModelSamplingFlux", "ModelSamplingDiscreteFlow", "ModelSamplingContinuousV")):
             raise ValueError(f"{type(sampling).__name__} models (flow matching / continuous schedules) are not "
                              "supported: the DDIM log-probability needs a discrete VP schedule.")
@@ -283,11 +282,13 @@ def _context_dim(model) -> int | None:
 
 
 def _model_label(model) -> str:
-    """'SDXL' / 'SD 2.x' / 'SD 1.x' from the model's ComfyUI config class, else the class name."""
-    name = type(getattr(model.model, "model_config", model.model)).__name__
-    return {"SD15": "SD 1.x", "SD20": "SD 2.x", "SD21UnclipL": "SD 2.x unCLIP", "SD21UnclipH": "SD 2.x unCLIP",
-            "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SSD1B": "SDXL (SSD-1B)", "Segmind_Vega": "SDXL (Vega)",
-            "KOALA_700M": "SDXL (KOALA)", "KOALA_1B": "SDXL (KOALA)"}.get(name, name)
+    """'SDXL' / 'SD 2.x' / 'SD 1.x' from the model's ComfyUI config class ('SDXL (SSD1B)' for a variant's), else
+    the class name."""
+    config = getattr(model.model, "model_config", model.model)
+    name, family = type(config).__name__, family_of_comfy_config(config)
+    if family is None:
+        return name
+    return FAMILIES[family].name + ("" if name == FAMILIES[family].comfy_config else f" ({name})")
 
 
 def comfy_cond(c: Cond) -> list:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from pathlib import Path
 from typing import Iterator
 
@@ -25,101 +24,19 @@ import torch
 
 from ..ddim import eps_from_v, eps_from_x0
 from ..host import Cond, Predict
-from ..lora.keys import parse_state_dict, slot_for_encoder
-from ..lora.trainable import TrainableLora
+from ..lora.family import ENCODERS, FAMILIES, PROJECTIONS, Family, attention_path, slot_for_encoder
+from ..lora.family_detect import describe_lora
+from ..lora.keys import parse_state_dict
+from ..lora.trainable import TrainableLora, fit_lora
+from ..lora.types import LoraModule, LoraSet
+from ..lora.write import kohya_state_dict
+from .pipeline import PipelineLoadError, family_of, load_pipeline  # noqa: F401 (the CLI and tests load pipelines from here)
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "texforce"
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# transformers 4 names CLIP layers text_model.encoder.layers.N..., transformers 5 encoder.layers.N...
-_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj$")
-FAMILIES = ("sd1", "sd2", "sdxl")
 # ComfyUI's default SDXL size conditioning is the latent size × 8, whatever the VAE (comfy.samplers.encode_model_conds)
 COMFY_LATENT_SCALE = 8
-
-
-class PipelineLoadError(RuntimeError):
-    """A model that cannot be loaded as a Stable Diffusion pipeline; the message says what to pass instead."""
-
-
-def family_of(pipe) -> str:
-    """sd1 / sd2 / sdxl from the pipeline's components (SD2's OpenCLIP-H uses gelu, OpenAI's CLIP-L quick_gelu).
-
-    SDXL needs both encoders with CLIP-G's projection (its pooled output conditions the U-Net); the SDXL refiner
-    (CLIP-G only, aesthetic-score conditioning) is refused, as the ComfyUI host has no refiner path either.
-    """
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        if getattr(pipe, "text_encoder", None) is None:
-            raise PipelineLoadError("this SDXL pipeline has no CLIP-L text encoder (an SDXL refiner?): TexForce "
-                                    "trains SD 1.x, SD 2.x and SDXL base models")
-        if not hasattr(pipe.text_encoder_2, "text_projection"):
-            raise PipelineLoadError(f"this SDXL pipeline's text_encoder_2 is a {type(pipe.text_encoder_2).__name__}; "
-                                    "SDXL needs CLIPTextModelWithProjection (CLIP-G's pooled output)")
-        return "sdxl"
-    act = getattr(pipe.text_encoder.config, "hidden_act", "quick_gelu")
-    return "sd2" if act == "gelu" else "sd1"
-
-
-def _encoder_names(family: str) -> list[tuple[str, str]]:
-    """(pipeline attribute, ComfyUI encoder name) per text encoder of the family."""
-    return {"sd1": [("text_encoder", "clip_l")], "sd2": [("text_encoder", "clip_h")],
-            "sdxl": [("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")]}[family]
-
-
-def load_pipeline(model: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu"):
-    """A diffusers folder, or a single .safetensors/.ckpt checkpoint through diffusers' single-file loader.
-
-    `config`: a diffusers folder (or hub id) describing the single file's architecture; needed offline, since
-    otherwise diffusers fetches the default config of the detected model type from the hub.
-    """
-    import warnings
-
-    import diffusers  # heavy; only the headless trainer needs it
-
-    path = Path(model)
-    if not path.exists():
-        raise PipelineLoadError(f"model {str(model)!r} does not exist: pass a diffusers folder (with model_index.json) "
-                                "or a single-file .safetensors checkpoint")
-    try:
-        with warnings.catch_warnings():
-            # newer diffusers renamed torch_dtype to dtype; torch_dtype works in every supported version
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = _from_path(diffusers, path, config, dtype)
-    except PipelineLoadError:
-        raise
-    except Exception as e:  # diffusers' own messages are long; keep them, and say what to try
-        hint = "" if config else (" A single-file checkpoint needs its architecture config: pass --model-config "
-                                  "<diffusers folder or hub id> when offline.")
-        raise PipelineLoadError(f"could not load {path} as a Stable Diffusion pipeline: {e}.{hint}") from e
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
-        raise PipelineLoadError(f"{path} loaded as {type(pipe).__name__}, which is not a Stable Diffusion (1.x, 2.x, "
-                                "XL) pipeline with a U-Net and CLIP text encoder(s)")
-    return pipe.to(device)
-
-
-def _from_path(diffusers, path: Path, config: str | Path | None, dtype: torch.dtype):
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise PipelineLoadError(f"{path} is a folder without model_index.json: not a diffusers pipeline folder")
-        return diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
-    if _single_file_is_sdxl(path):
-        cls, extra = diffusers.StableDiffusionXLPipeline, {}
-    else:
-        cls, extra = diffusers.StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
-    kw = {"config": str(config), "local_files_only": Path(str(config)).is_dir()} if config else {}
-    return cls.from_single_file(str(path), torch_dtype=dtype, **kw, **extra)
-
-
-def _single_file_is_sdxl(path: Path) -> bool:
-    if path.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
 
 
 class DiffusersHost:
@@ -144,7 +61,8 @@ class DiffusersHost:
             if module is not None:
                 module.requires_grad_(False).eval()
 
-        names = _encoder_names(self.family)
+        self.spec: Family = FAMILIES[self.family]
+        names = [(m.pipeline, m.encoder) for m in self.spec.members]
         present = [enc for _, enc in names]
         wanted = present if encoders is None else list(encoders)
         unknown = [e for e in wanted if e not in present]
@@ -152,11 +70,13 @@ class DiffusersHost:
             raise ValueError(f"this {self.family.upper()} pipeline has text encoder(s) {present}; cannot train {wanted}")
         self.encoders = sorted(e for e in present if e in wanted)  # as the ComfyUI host lists them
         self.text_encoders = [(getattr(pipe, attr), enc) for attr, enc in names]
-        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.family == "sdxl" else [])
+        # diffusers names each text encoder's tokenizer alike: text_encoder_2 -> tokenizer_2
+        self.tokenizers = [getattr(pipe, attr.replace("text_encoder", "tokenizer")) for attr, _ in names]
         self.max_tokens = int(pipe.text_encoder.config.max_position_embeddings)  # 77
 
         # peft LoRA layers on q/k/v/out of every layer of each trained encoder
         self._layers: dict[tuple[str, str], torch.nn.Module] = {}
+        self._peft: list[tuple[torch.nn.Module, dict[str, tuple[str, str]]]] = []  # (encoder, peft module -> key)
         shapes = {}
         for te, _ in self.text_encoders:
             if ADAPTER in (getattr(te, "peft_config", None) or {}):
@@ -165,33 +85,33 @@ class DiffusersHost:
         for te, enc in self.text_encoders:
             if enc not in self.encoders:
                 continue
-            cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, lora_dropout=0.0,
+            cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(PROJECTIONS), lora_dropout=0.0,
                              init_lora_weights=True)
             inject_adapter_in_model(cfg, te, adapter_name=ADAPTER)
+            keys = {}
             for name, module in te.named_modules():
-                m = _LAYER.search(name)
-                if m and hasattr(module, "lora_A"):
-                    key = (slot_for_encoder(enc, present),
-                           f"text_model.encoder.layers.{m.group(1)}.self_attn.{m.group(2)}_proj")
+                path = attention_path(name)
+                if path and hasattr(module, "lora_A"):
+                    key = keys[name] = (slot_for_encoder(enc, present), path)
                     self._layers[key] = module
                     shapes[key] = tuple(module.base_layer.weight.shape)
                     # fp32 LoRA on an fp16/bf16 model (peft casts the input to the adapter's dtype)
                     module.lora_A[ADAPTER].float()
                     module.lora_B[ADAPTER].float()
-        dropped = self._dropped_layer_shapes(shapes) if "clip_h" in self.encoders else {}
-        # The seeded initialisation of the ComfyUI host, so both hosts start from the same LoRA.
-        self._staging = TrainableLora({**shapes, **dropped}, rank=rank, alpha=alpha, seed=seed)
-        # (down, up) per LoRA key: peft's lora_A / lora_B, or plain parameters for a dropped layer's LoRA
-        self._weights: dict[tuple[str, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {
-            key: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight) for key, layer in self._layers.items()}
-        for i, key in enumerate(self._staging.keys):
-            if key in dropped:
-                self._weights[key] = (torch.nn.Parameter(self._staging.down[i].detach().to(self.device, copy=True)),
-                                      torch.nn.Parameter(self._staging.up[i].detach().to(self.device, copy=True)))
-        self._push(self._staging)
+            self._peft.append((te, keys))
+        dropped = self._dropped_layer_shapes(shapes) if self.spec.diffusers_truncated else {}
         self.rank, self.alpha = int(rank), float(alpha)
-        self._params = ([self._weights[k][0] for k in self._staging.keys]
-                        + [self._weights[k][1] for k in self._staging.keys])
+        self._shapes = {**shapes, **dropped}
+        # The seeded initialisation of the ComfyUI host, so both hosts start from the same LoRA.
+        init = TrainableLora(self._shapes, rank=rank, alpha=alpha, seed=seed).to_lora_set()
+        # plain parameters for the LoRA of a layer diffusers' encoder lacks; peft's layers hold all the others
+        self._dropped = {key: (torch.nn.Parameter(init.modules[key].down.to(self.device, copy=True)),
+                               torch.nn.Parameter(init.modules[key].up.to(self.device, copy=True))) for key in dropped}
+        self._set({key: (m.down, m.up) for key, m in init.modules.items()})
+        weights = {**{key: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+                      for key, layer in self._layers.items()}, **self._dropped}
+        self.keys = sorted(self._shapes)  # the ComfyUI host's order, so optimizer states move between hosts
+        self._params = [weights[k][0] for k in self.keys] + [weights[k][1] for k in self.keys]
         for p in self._params:
             p.requires_grad_(True)
 
@@ -209,31 +129,46 @@ class DiffusersHost:
         return {(slot, path.replace(f"layers.{last - 1}.", f"layers.{last}.")): shape
                 for (slot, path), shape in shapes.items() if f"layers.{last - 1}." in path}
 
-    # -- LoRA state ------------------------------------------------------------------------------
-    def _push(self, lora: TrainableLora) -> None:
-        with torch.no_grad():
-            for i, key in enumerate(lora.keys):
-                down, up = self._weights[key]
-                down.copy_(lora.down[i])
-                up.copy_(lora.up[i])
+    # -- LoRA state: peft's own state dicts, re-keyed as the pack's LoRA files ---------------------------------
+    def _set(self, weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from peft import set_peft_model_state_dict
 
-    def _pull(self) -> TrainableLora:
+        for te, keys in self._peft:
+            sd = {}
+            for name, key in keys.items():
+                sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = weights[key]
+            unexpected = set_peft_model_state_dict(te, sd, adapter_name=ADAPTER).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"peft did not place the LoRA weights {sorted(unexpected)[:3]}")
         with torch.no_grad():
-            for i, key in enumerate(self._staging.keys):
-                down, up = self._weights[key]
-                self._staging.down[i].copy_(down.float().cpu())
-                self._staging.up[i].copy_(up.float().cpu())
-        return self._staging
+            for key, (down, up) in self._dropped.items():
+                down.copy_(weights[key][0])
+                up.copy_(weights[key][1])
+
+    def _lora_set(self) -> LoraSet:
+        from peft import get_peft_model_state_dict
+
+        lora = LoraSet(source="trained", format="kohya")
+        for te, keys in self._peft:
+            sd = get_peft_model_state_dict(te, adapter_name=ADAPTER)
+            for name, key in keys.items():
+                lora.modules[key] = LoraModule(down=sd[f"{name}.lora_A.weight"].detach().float().cpu(),
+                                               up=sd[f"{name}.lora_B.weight"].detach().float().cpu(), alpha=self.alpha)
+        for key, (down, up) in self._dropped.items():
+            lora.modules[key] = LoraModule(down=down.detach().float().cpu(), up=up.detach().float().cpu(),
+                                           alpha=self.alpha)
+        return lora
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._params)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        return self._pull().kohya_state()
+        return kohya_state_dict(self._lora_set())
 
     def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._staging.load_lora_set(parse_state_dict(state, source="checkpoint"))
-        self._push(self._staging)
+        lora = parse_state_dict(state, source="checkpoint")
+        self._set(fit_lora(lora, self._shapes, self.rank, self.alpha,
+                           lambda: describe_lora(self._lora_set(), family=self.family)))
 
     @contextlib.contextmanager
     def lora_enabled(self, enabled: bool) -> Iterator[None]:
@@ -260,7 +195,7 @@ class DiffusersHost:
         diffusers tokenizers do too. Padding positions still pass through the causal encoder, so they matter.
         """
         length = min(tokenizer.model_max_length, self.max_tokens)
-        pad = tokenizer.eos_token_id if encoder == "clip_l" else 0
+        pad = tokenizer.eos_token_id if ENCODERS[encoder].pads_with_end_token else 0
         ids = tokenizer(prompts, truncation=True, max_length=length).input_ids
         return torch.tensor([x + [pad] * (length - len(x)) for x in ids], dtype=torch.long, device=self.device)
 
@@ -268,7 +203,7 @@ class DiffusersHost:
         """One forward per distinct prompt (repeats share it), as the ComfyUI host does."""
         unique = list(dict.fromkeys(prompts))
         index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
-        if self.family != "sdxl":
+        if self.spec.pooled is None:
             # SD1: the last layer, final LN applied. SD2: diffusers' text encoder ends at OpenCLIP-H's penultimate
             # layer, so its last_hidden_state is ComfyUI's SD2 conditioning (penultimate layer, final LN applied).
             te, enc = self.text_encoders[0]
@@ -280,7 +215,7 @@ class DiffusersHost:
         for (te, enc), tok in zip(self.text_encoders, self.tokenizers):
             out = te(self._tokens(tok, unique, enc), output_hidden_states=True)
             parts.append(out.hidden_states[-2])
-            if enc == "clip_g":
+            if enc == self.spec.pooled:
                 pooled = out.text_embeds
         return {"cross_attn": torch.cat(parts, dim=-1).float()[index], "pooled": pooled.float()[index]}
 
@@ -298,7 +233,7 @@ class DiffusersHost:
         ctx = torch.cat([uncond["cross_attn"], cond["cross_attn"]]) if guided else cond["cross_attn"]
         ctx = ctx.to(self.device, self.dtype)
         pooled = None
-        if self.family == "sdxl":
+        if self.spec.pooled:
             pooled = torch.cat([uncond["pooled"], cond["pooled"]]) if guided else cond["pooled"]
             pooled = pooled.to(self.device, self.dtype)
 

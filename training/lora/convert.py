@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .family import lora_family
+from .family import FAMILIES, file_slots
+from .family_detect import lora_family
 from .read import read_lora
 from .types import LoraFileError, LoraSet
 from .write import save_kohya
@@ -21,9 +22,7 @@ log = logging.getLogger("texforce.convert")
 
 def _to_file_slots(lora: LoraSet) -> LoraSet:
     """ComfyUI's encoder-named keys become kohya slots; a lone 'te' of an SDXL file becomes te1."""
-    names = {slot for slot, _ in lora.modules}
-    sdxl = "te2" in names or "clip_g" in names
-    rename = {"clip_l": "te1" if sdxl else "te", "clip_h": "te", "clip_g": "te2", "te": "te1" if sdxl else "te"}
+    rename = file_slots(lora.slots)
     out = LoraSet(source=lora.source, format="kohya", metadata=lora.metadata, notes=list(lora.notes))
     for (slot, path), m in lora.modules.items():
         out.modules[(rename.get(slot, slot), path)] = m
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", type=Path, help="LoRA file or PEFT folder")
     parser.add_argument("output", type=Path, nargs="?", help="output .safetensors (default: beside the input)")
-    parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base model family for the metadata "
-                                                                          "(guessed from the weights if left out)")
+    parser.add_argument("--family", choices=list(FAMILIES), help="base model family for the metadata "
+                                                                 "(guessed from the weights if left out)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     src = args.input

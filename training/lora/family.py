@@ -1,121 +1,213 @@
-"""Model families (SD 1.x, SD 2.x, SDXL): their text encoders, and which family a LoRA is for.
+"""The model-family registry: every family the pack knows (SD 1.x, SD 2.x, SDXL) as one `Family` entry.
 
-ComfyUI's stock loader applies whatever keys happen to match (an SDXL file's te1 half lands on an SD 1.x
-CLIP-L, the te2 half is dropped with a warning), so a LoRA of the wrong family is silently wrong. The pack
-refuses it instead, with a message naming both families; this module is what names them.
+What a family is (its text encoders, their LoRA file slots and diffusers names, what the U-Net reads, its
+native size, how files name it) is written here and nowhere else: the LoRA loader, Fuse, the converter,
+both hosts and the training node read it. Adding a family is one entry in `FAMILIES` plus its tests.
+Which family a LoRA file is for is worked out in family_detect.py, from these entries.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Iterable
 
-from .types import LoraSet
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-FAMILY_LABELS = {"sd1": "SD 1.x (CLIP-L)", "sd2": "SD 2.x (OpenCLIP-H)", "sdxl": "SDXL (CLIP-L + CLIP-G)"}
-ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "OpenCLIP-H"}
-# Hidden width of the released encoders: OpenAI CLIP ViT-L/14, OpenCLIP ViT-H/14, OpenCLIP ViT-bigG/14.
-RELEASED_WIDTHS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
-# The file slot (te / te1 / te2) of each encoder, per family.
-FAMILY_SLOTS = {"sd1": {"clip_l": "te"}, "sd2": {"clip_h": "te"}, "sdxl": {"clip_l": "te1", "clip_g": "te2"}}
+@dataclass(frozen=True)
+class Encoder:
+    """A released CLIP text encoder, as ComfyUI names it (`clip_l`: the CLIP's attribute and the
+    `text_encoders.clip_l.` LoRA keys)."""
+
+    name: str
+    label: str
+    width: int  # hidden width of the released encoder: what tells a lone encoder's LoRA apart
+    activation: str  # hidden_act of its transformers config: tells CLIP-L from OpenCLIP-H in a pipeline
+    pads_with_end_token: bool  # ComfyUI pads its tokens with the end token (else with id 0)
 
 
+ENCODERS = {e.name: e for e in (
+    Encoder("clip_l", "CLIP-L", 768, "quick_gelu", True),  # OpenAI CLIP ViT-L/14
+    Encoder("clip_h", "OpenCLIP-H", 1024, "gelu", False),  # OpenCLIP ViT-H/14
+    Encoder("clip_g", "CLIP-G", 1280, "gelu", False),  # OpenCLIP ViT-bigG/14
+)}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One text encoder of a family, as LoRA files and diffusers pipelines name it."""
+
+    encoder: str
+    slot: str  # kohya file slot (`lora_<slot>_` keys): te for a lone encoder, te1/te2 for two
+    pipeline: str  # diffusers pipeline attribute, and the `<pipeline>.` prefix of diffusers LoRA keys
+
+
+@dataclass(frozen=True)
+class Family:
+    id: str  # what files record (texforce.family) and settings name
+    name: str  # "SD 1.x"
+    members: tuple[Member, ...]
+    size: int  # native image size of its ε-prediction base models
+    v_size: int  # native image size of its v-prediction models (SD 2.x 768-v)
+    kohya_version: str  # kohya's ss_base_model_version written for it
+    version_markers: tuple[str, ...]  # found in an ss_base_model_version / modelspec.architecture that names it
+    comfy_config: str  # ComfyUI's supported_models class of its checkpoints (subclasses are variants)
+    diffusers_pipeline: str = "StableDiffusionPipeline"  # the diffusers class that loads its single-file checkpoints
+    checkpoint_prefix: str | None = None  # a key prefix only its single-file checkpoints have
+    kohya_v2: bool | None = None  # kohya's ss_v2 for it; None: older kohya files never meant it
+    pooled: str | None = None  # the encoder whose projected pooled output conditions the U-Net
+    diffusers_truncated: bool = False  # diffusers' text encoder ends at the layer the U-Net reads
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return tuple(m.encoder for m in self.members)
+
+    @property
+    def label(self) -> str:
+        """'SDXL (CLIP-L + CLIP-G)'."""
+        return f"{self.name} ({' + '.join(ENCODERS[e].label for e in self.encoders)})"
+
+    def slot(self, encoder: str) -> str:
+        return next(m.slot for m in self.members if m.encoder == encoder)
+
+    def native_size(self, v_prediction: bool = False) -> int:
+        return self.v_size if v_prediction else self.size
+
+
+FAMILIES = {f.id: f for f in (
+    Family("sd1", "SD 1.x", (Member("clip_l", "te", "text_encoder"),), size=512, v_size=512,
+           kohya_version="sd_v1", version_markers=("sd_v1", "stable-diffusion-v1"), comfy_config="SD15",
+           kohya_v2=False),
+    Family("sd2", "SD 2.x", (Member("clip_h", "te", "text_encoder"),), size=512, v_size=768,
+           kohya_version="sd_v2", version_markers=("sd_v2", "stable-diffusion-v2"), comfy_config="SD20",
+           kohya_v2=True, diffusers_truncated=True),
+    Family("sdxl", "SDXL", (Member("clip_l", "te1", "text_encoder"), Member("clip_g", "te2", "text_encoder_2")),
+           size=1024, v_size=1024, kohya_version="sdxl_base_v1-0",
+           version_markers=("sdxl", "stable-diffusion-xl"), comfy_config="SDXL", pooled="clip_g",
+           diffusers_pipeline="StableDiffusionXLPipeline", checkpoint_prefix="conditioner.embedders.1."),
+)}
+
+# Views of the registry, by name
+ENCODER_LABELS = {e.name: e.label for e in ENCODERS.values()}
+RELEASED_WIDTHS = {e.width: e.name for e in ENCODERS.values()}
+FILE_SLOTS = tuple(sorted({m.slot for f in FAMILIES.values() for m in f.members}))  # te, te1, te2: lora_<slot>_
+
+
+def _pipeline_prefixes() -> tuple[tuple[str, str], ...]:
+    """diffusers / PEFT LoRA key prefixes ('text_encoder_2.') and the slot each names in a file that has only it
+    (the first family's with it; parse_state_dict makes a lone te te1 beside a te2), longest first."""
+    slots: dict[str, str] = {}
+    for family in FAMILIES.values():
+        for m in family.members:
+            slots.setdefault(f"{m.pipeline}.", m.slot)
+    return tuple(sorted(slots.items(), key=lambda kv: -len(kv[0])))
+
+
+PIPELINE_PREFIXES = _pipeline_prefixes()
+
+# CLIP text-encoder layer names. Module paths follow Hugging Face's CLIPTextModel, which ComfyUI's CLIP state
+# dict also uses under `<encoder>.transformer.`; LoRAs are trained on the attention projections.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_ENCODER = "|".join(ENCODERS)
+_LAYER = r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
+_COMFY_KEY = re.compile(rf"^({_ENCODER})\.transformer\.(.+)$")
+# transformers 4 names CLIP layers text_model.encoder.layers.N..., transformers 5 encoder.layers.N...
+_HF_LAYER = re.compile(rf"(?:^|\.){_LAYER}$")
+_KOHYA_LAYER = re.compile("^text_model_" + _LAYER.replace(r"\.", "_") + "$")
+
+
+def module_path(layer: int, part: str) -> str:
+    """The pack's module path of a layer's part: (3, 'self_attn.q_proj') -> 'text_model.encoder.layers.3.self_attn.q_proj'."""
+    return f"text_model.encoder.layers.{layer}.{part}"
+
+
+def attention_path(name: str) -> str | None:
+    """The module path of an attention projection under any transformers naming of a CLIP layer, else None."""
+    m = _HF_LAYER.search(name)
+    return module_path(int(m.group(1)), m.group(2)) if m and m.group(2).startswith("self_attn.") else None
+
+
+def comfy_encoder_module(name: str) -> tuple[str, str] | None:
+    """'clip_l.transformer.text_model.x' (a ComfyUI CLIP module or tensor name) -> ('clip_l', 'text_model.x')."""
+    m = _COMFY_KEY.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def kohya_module_to_path(name: str) -> str | None:
+    """'text_model_encoder_layers_3_self_attn_q_proj' -> 'text_model.encoder.layers.3.self_attn.q_proj'."""
+    m = _KOHYA_LAYER.match(name)
+    if not m:
+        return None
+    return module_path(int(m.group(1)), m.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp."))
+
+
+def path_to_kohya_module(path: str) -> str:
+    return path.replace(".", "_")
+
+
+# -- lookups ----------------------------------------------------------------------------------------------
 def family_of_encoders(names: Iterable[str]) -> str | None:
-    """sd1 / sd2 / sdxl from the text encoders a model has; None for anything else (refiner, SD3, Flux...)."""
+    """The family whose text encoders are exactly these; None for anything else (refiner, SD3, Flux...)."""
     s = set(names)
-    if s == {"clip_l", "clip_g"}:
-        return "sdxl"
-    if s == {"clip_h"}:
-        return "sd2"
-    if s == {"clip_l"}:
-        return "sd1"
-    return None
+    return next((f.id for f in FAMILIES.values() if set(f.encoders) == s), None)
+
+
+def family_of_comfy_config(config: object) -> str | None:
+    """The family of a ComfyUI model config (its supported_models class or a subclass of it), else None."""
+    names = {c.__name__ for c in type(config).__mro__}
+    return next((f.id for f in FAMILIES.values() if f.comfy_config in names), None)
+
+
+def slot_for_encoder(encoder: str, encoders: Iterable[str]) -> str:
+    """The kohya slot of an encoder within a model with these encoders (SDXL: te1/te2; a lone encoder: te)."""
+    family = family_of_encoders(encoders)
+    return FAMILIES[family].slot(encoder) if family else "te"
+
+
+def encoders_for_slot(slot: str, encoders: list[str]) -> list[str]:
+    """The encoders of a model that a file slot can mean: an encoder name means itself; te / te1 the first
+    encoder (a lone-encoder file's te is SDXL's CLIP-L too); te2 the family's second."""
+    if slot in ENCODERS:
+        return [slot] if slot in encoders else []
+    family = family_of_encoders(encoders)
+    members = FAMILIES[family].members if family else [Member(e, "te", "") for e in encoders[:1]]
+    if slot in ("te", "te1"):
+        return [m.encoder for m in members[:1]]
+    return [m.encoder for m in members if m.slot == slot]
+
+
+def file_slots(slots: Iterable[str]) -> dict[str, str]:
+    """slot -> kohya slot for a file's slots, with no model to say the family: the first family (in registry
+    order) that has all of them (as encoder names, its kohya slots, or a lone te); unchanged when none does."""
+    slots = set(slots)
+    for f in FAMILIES.values():
+        known = {m.encoder: m.slot for m in f.members} | {m.slot: m.slot for m in f.members}
+        known.setdefault("te", f.members[0].slot)
+        if slots <= set(known):
+            return {s: known[s] for s in slots}
+    return {s: s for s in slots}
 
 
 def native_size(family: str | None, v_prediction: bool = False) -> int:
-    """The image size a family's base models were trained at: SDXL 1024, SD 2.x v-prediction 768, else 512.
+    """The image size a family's base models were trained at (512 for an unknown family).
 
     Sampling far below it gives images the reward never sees in use; far above it costs quadratically."""
-    if family == "sdxl":
-        return 1024
-    return 768 if family == "sd2" and v_prediction else 512
+    return FAMILIES[family].native_size(v_prediction) if family in FAMILIES else 512
 
 
 def family_label(family: str | None, fallback: str = "an unknown model family") -> str:
-    return FAMILY_LABELS.get(family or "", fallback)
+    return FAMILIES[family].label if family in FAMILIES else fallback
+
+
+def listed(words: Iterable[str], last: str = "or") -> str:
+    """'a, b or c' ('a, b, c' when last is '')."""
+    words = list(words)
+    return f"{', '.join(words[:-1])} {last} {words[-1]}" if last and len(words) > 1 else ", ".join(words)
+
+
+def family_names(last: str = "or") -> str:
+    """'SD 1.x, SD 2.x or SDXL': every family, for messages that say what the pack supports."""
+    return listed((f.name for f in FAMILIES.values()), last)
 
 
 def encoders_label(encoders: Iterable[str]) -> str:
     """'CLIP-L + CLIP-G' for ['clip_l', 'clip_g']."""
     return " + ".join(ENCODER_LABELS.get(e, e) for e in sorted(encoders)) or "no text encoder"
-
-
-def family_from_metadata(metadata: dict[str, str]) -> str | None:
-    """The base model a file says it was trained on (our texforce.family, kohya's ss_*, modelspec)."""
-    ours = metadata.get("texforce.family")
-    if ours in FAMILIES:
-        return ours
-    version = (metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "").lower()
-    if "sdxl" in version or "stable-diffusion-xl" in version:
-        return "sdxl"
-    if version.startswith(("sd_v2", "stable-diffusion-v2")):
-        return "sd2"
-    if version.startswith(("sd_v1", "stable-diffusion-v1")):
-        return "sd1"
-    if not version and metadata.get("ss_v2") in ("True", "False"):  # older kohya files: SD 1.x or 2.x only
-        return "sd2" if metadata["ss_v2"] == "True" else "sd1"
-    return None
-
-
-def _q_widths(lora: LoraSet) -> dict[str, set[int]]:
-    out: dict[str, set[int]] = {}
-    for (slot, path), m in lora.modules.items():
-        if path.endswith("self_attn.q_proj"):
-            out.setdefault(slot, set()).add(int(m.down.shape[1]))
-    return out
-
-
-def lora_family(lora: LoraSet) -> str | None:
-    """The family a text-encoder LoRA is for, when its keys, metadata or widths say so (None when they do not).
-
-    te1/te2 (kohya), text_encoder_2 (diffusers) or clip_g (ComfyUI keys) mean SDXL; clip_h means SD 2.x;
-    then the file's metadata; then the width of a single encoder: 1024 is OpenCLIP-H (SD 2.x), 768 is
-    CLIP-L (SD 1.x). Files of other widths (and single CLIP-L files named by ComfyUI keys) stay unknown.
-    """
-    slots = set(lora.slots)
-    if slots & {"te1", "te2", "clip_g"}:
-        return "sdxl"
-    if "clip_h" in slots:
-        return "sd2"
-    meta = family_from_metadata(lora.metadata)
-    if meta:
-        return meta
-    widths = {w for ws in _q_widths(lora).values() for w in ws}
-    kinds = {RELEASED_WIDTHS.get(w) for w in widths}
-    if kinds == {"clip_h"}:
-        return "sd2"
-    if kinds == {"clip_l"} and slots == {"te"}:
-        return "sd1"
-    return None
-
-
-def lora_shape(lora: LoraSet) -> str:
-    """'te1 width 768, te2 width 1280': the slots of a LoRA and the width of the encoder each was made for."""
-    parts = [f"{slot} width {'/'.join(map(str, sorted(ws)))}" for slot, ws in sorted(_q_widths(lora).items())]
-    return ", ".join(parts) or ", ".join(lora.slots) or "no text-encoder modules"
-
-
-def describe_lora(lora: LoraSet, family: str | None = None) -> str:
-    """'SDXL (CLIP-L + CLIP-G): te1 width 768, te2 width 1280': the family (given, or when the file says so),
-    always the slots and widths."""
-    shape = lora_shape(lora)
-    family = family or lora_family(lora)
-    return f"{FAMILY_LABELS[family]}: {shape}" if family else f"a text encoder of another size ({shape})"
-
-
-def family_mismatch(lora: LoraSet, clip_family: str | None) -> str | None:
-    """'this LoRA is for SDXL (CLIP-L + CLIP-G) but the CLIP is SD 1.x (CLIP-L)', or None when nothing says so."""
-    file_family = lora_family(lora)
-    if file_family is None or clip_family is None or file_family == clip_family:
-        return None
-    return f"this LoRA is for {FAMILY_LABELS[file_family]} but the CLIP is {FAMILY_LABELS[clip_family]}"

@@ -10,6 +10,7 @@ import re
 
 import torch
 
+from .family import ENCODERS, FILE_SLOTS, PIPELINE_PREFIXES, kohya_module_to_path
 from .types import LoraModule, LoraSet
 
 # Suffix → which half of the LoRA it is. Longest first, so ".lora_A.default.weight" wins over ".weight" forms.
@@ -23,10 +24,8 @@ _SUFFIXES = [
     (".alpha", "alpha"),
 ]
 
-_KOHYA_TE = re.compile(r"^lora_(te[12]?)_(.+)$")
-_KOHYA_MODULE = re.compile(r"^text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])$")
+_KOHYA_TE = re.compile(rf"^lora_({'|'.join(FILE_SLOTS)})_(.+)$")
 _OLD_DIFFUSERS_ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-_ENCODER_NAMES = ("clip_l", "clip_g", "clip_h")
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
@@ -35,20 +34,6 @@ def split_suffix(key: str) -> tuple[str, str] | None:
         if key.endswith(suffix):
             return key[: -len(suffix)], part
     return None
-
-
-def kohya_module_to_path(name: str) -> str | None:
-    """'text_model_encoder_layers_3_self_attn_q_proj' -> 'text_model.encoder.layers.3.self_attn.q_proj'."""
-    m = _KOHYA_MODULE.match(name)
-    if not m:
-        return None
-    layer, rest = m.groups()
-    rest = rest.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
-    return f"text_model.encoder.layers.{layer}.{rest}"
-
-
-def path_to_kohya_module(path: str) -> str:
-    return path.replace(".", "_")
 
 
 def _fix_old_diffusers(path: str) -> str:
@@ -62,18 +47,18 @@ def classify(module_key: str) -> tuple[str, str, str] | None:
     if m:
         path = kohya_module_to_path(m.group(2))
         return ("kohya", m.group(1), path) if path else None
-    for prefix, slot in (("text_encoder_2.", "te2"), ("text_encoder.", "te")):
+    for prefix, slot in PIPELINE_PREFIXES:
         if module_key.startswith(prefix):
             return "diffusers", slot, _fix_old_diffusers(module_key[len(prefix):])
     if module_key.startswith("base_model.model."):
         rest = module_key[len("base_model.model."):]
-        for prefix, slot in (("text_encoder_2.", "te2"), ("text_encoder.", "te")):
+        for prefix, slot in PIPELINE_PREFIXES:
             if rest.startswith(prefix):
                 return "peft", slot, rest[len(prefix):]
         return "peft", "te", rest
     if module_key.startswith("text_encoders."):
         encoder, _, rest = module_key[len("text_encoders."):].partition(".")
-        if encoder in _ENCODER_NAMES and rest.startswith("transformer."):
+        if encoder in ENCODERS and rest.startswith("transformer."):
             return "comfyui", encoder, rest[len("transformer."):]
     return None
 
@@ -135,9 +120,3 @@ def parse_state_dict(sd: dict[str, torch.Tensor], source: str, peft_config: dict
     lora.format = "+".join(sorted(formats)) if formats else "none"
     return lora
 
-
-def slot_for_encoder(encoder: str, encoders: list[str]) -> str:
-    """The kohya slot of an encoder within a model: SDXL's CLIP-L/CLIP-G are te1/te2, a lone encoder is te."""
-    if "clip_l" in encoders and "clip_g" in encoders:
-        return {"clip_l": "te1", "clip_g": "te2"}[encoder]
-    return "te"

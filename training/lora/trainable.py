@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
-from .family import describe_lora
+from .family_detect import describe_lora
 from .types import LoraFileError, LoraModule, LoraSet
 from .write import kohya_state_dict
 
@@ -52,24 +53,38 @@ class TrainableLora(torch.nn.Module):
         return describe_lora(self.to_lora_set(), family=self.family)
 
     def load_lora_set(self, lora: LoraSet) -> None:
-        """Load weights of exactly this layout (resume). A LoRA of another family, or of another choice of
-        encoders, is refused naming both: loading only the overlap would silently drop the rest."""
-        missing = [k for k in self.keys if k not in lora.modules]
-        extra = sorted(set(lora.modules) - set(self.keys))
-        shaped = [k for i, k in enumerate(self.keys) if k in lora.modules and
-                  (lora.modules[k].down.shape[1:] != self.down[i].shape[1:] or
-                   lora.modules[k].up.shape[:1] != self.up[i].shape[:1])]
-        if missing or extra or shaped:
-            raise LoraFileError(
-                f"{lora.source}: its LoRA is for {describe_lora(lora)}, but this run trains {self.describe()} "
-                f"({len(missing)} module(s) missing, {len(extra)} extra, {len(shaped)} of another shape; e.g. "
-                f"{(missing + extra + shaped)[0]}). Resume with the checkpoint and text-encoder choice it was "
-                "trained with, or start a new run.")
+        """Load weights of exactly this layout (resume); see fit_lora."""
+        shapes = {key: (int(up.shape[0]), int(down.shape[1])) for key, down, up in zip(self.keys, self.down, self.up)}
+        weights = fit_lora(lora, shapes, self.rank, self.alpha, self.describe)
         with torch.no_grad():
             for i, key in enumerate(self.keys):
-                m = lora.modules[key]
-                if m.rank != self.rank:
-                    raise LoraFileError(f"{lora.source}: {key[1]} has rank {m.rank}, this run uses rank {self.rank}.")
-                # Keep ΔW exact under our alpha: fold any alpha difference into `up`.
-                self.down[i].copy_(m.down)
-                self.up[i].copy_(m.up * (m.scale / self.scale))
+                self.down[i].copy_(weights[key][0])
+                self.up[i].copy_(weights[key][1])
+
+
+def fit_lora(lora: LoraSet, shapes: dict[tuple[str, str], tuple[int, int]], rank: int, alpha: float,
+             trains: Callable[[], str]) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up) per key of a run's LoRA layout (`shapes`: key -> (out, in)) from a LoRA of exactly that layout,
+    with any alpha difference folded into `up` so ΔW stays exact under the run's alpha (both hosts resume
+    through it). A LoRA of another family, or of another choice of encoders, is refused naming both (`trains`
+    describes the run's): loading only the overlap would silently drop the rest."""
+    keys = sorted(shapes)
+    missing = [k for k in keys if k not in lora.modules]
+    extra = sorted(set(lora.modules) - set(shapes))
+    shaped = [k for k in keys if k in lora.modules and
+              (tuple(lora.modules[k].down.shape[1:]) != shapes[k][1:] or
+               tuple(lora.modules[k].up.shape[:1]) != shapes[k][:1])]
+    if missing or extra or shaped:
+        raise LoraFileError(
+            f"{lora.source}: its LoRA is for {describe_lora(lora)}, but this run trains {trains()} "
+            f"({len(missing)} module(s) missing, {len(extra)} extra, {len(shaped)} of another shape; e.g. "
+            f"{(missing + extra + shaped)[0]}). Resume with the checkpoint and text-encoder choice it was "
+            "trained with, or start a new run.")
+    scale = float(alpha) / int(rank)
+    out = {}
+    for key in keys:
+        m = lora.modules[key]
+        if m.rank != rank:
+            raise LoraFileError(f"{lora.source}: {key[1]} has rank {m.rank}, this run uses rank {rank}.")
+        out[key] = (m.down, m.up * (m.scale / scale))
+    return out

@@ -9,12 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .keys import path_to_kohya_module
+from .family import FAMILIES, FILE_SLOTS, path_to_kohya_module
 from .types import LoraFileError, LoraSet
-
-FILE_SLOTS = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
-# kohya's ss_base_model_version values, which A1111/Forge show and some tools filter on.
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -23,7 +19,7 @@ def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[
     for (slot, path), m in sorted(lora.modules.items()):
         if slot not in FILE_SLOTS:
             raise LoraFileError(f"{lora.source}: module {path} is on encoder {slot!r}; map it to te/te1/te2 before writing")
-        name = f"{FILE_SLOTS[slot]}_{path_to_kohya_module(path)}"
+        name = f"lora_{slot}_{path_to_kohya_module(path)}"
         out[f"{name}.lora_down.weight"] = m.down.detach().to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = m.up.detach().to("cpu", dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
@@ -40,8 +36,10 @@ def kohya_metadata(lora: LoraSet, family: str | None, extra: dict[str, object] |
         "ss_network_args": json.dumps({"text_encoder_only": True}),
     }
     if family:
-        meta["ss_base_model_version"] = BASE_MODEL_VERSION.get(family, family)
-        meta["ss_v2"] = str(family == "sd2")
+        entry = FAMILIES.get(family)
+        # kohya's ss_base_model_version, which A1111/Forge show and some tools filter on
+        meta["ss_base_model_version"] = entry.kohya_version if entry else family
+        meta["ss_v2"] = str(bool(entry and entry.kohya_v2))
         meta["texforce.family"] = family
     for key, value in (extra or {}).items():
         meta[key if key.startswith(("ss_", "texforce.")) else f"texforce.{key}"] = (

@@ -1,0 +1,83 @@
+"""Which model family a LoRA file is for, from the registry's entries (family.py).
+
+ComfyUI's stock loader applies whatever keys happen to match (an SDXL file's te1 half lands on an SD 1.x
+CLIP-L, the te2 half is dropped with a warning), so a LoRA of the wrong family is silently wrong. The pack
+refuses it instead, with a message naming both families; this module is what names them.
+"""
+from __future__ import annotations
+
+from .family import FAMILIES, RELEASED_WIDTHS
+from .types import LoraSet
+
+
+def _owners(slot: str) -> set[str]:
+    """The families whose files can hold this slot: as an encoder name, a kohya slot, or a lone encoder's te."""
+    return {f.id for f in FAMILIES.values()
+            if slot in f.encoders or any(m.slot == slot for m in f.members) or (slot == "te" and len(f.members) == 1)}
+
+
+def family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """The base model a file says it was trained on (our texforce.family, kohya's ss_*, modelspec)."""
+    ours = metadata.get("texforce.family")
+    if ours in FAMILIES:
+        return ours
+    version = (metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "").lower()
+    if version:
+        return next((f.id for f in FAMILIES.values() if any(p in version for p in f.version_markers)), None)
+    v2 = metadata.get("ss_v2")  # older kohya files say only whether they are for SD 2.x
+    if v2 in ("True", "False"):
+        return next((f.id for f in FAMILIES.values() if f.kohya_v2 is (v2 == "True")), None)
+    return None
+
+
+def _q_widths(lora: LoraSet) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for (slot, path), m in lora.modules.items():
+        if path.endswith("self_attn.q_proj"):
+            out.setdefault(slot, set()).add(int(m.down.shape[1]))
+    return out
+
+
+def lora_family(lora: LoraSet) -> str | None:
+    """The family a text-encoder LoRA is for, when its keys, metadata or widths say so (None when they do not).
+
+    A slot only one family has names it (te1/te2, text_encoder_2, clip_g: SDXL; clip_h: SD 2.x); then the
+    file's metadata; then the width of a single encoder, when that encoder is a one-encoder family's and no
+    other family's (1024: OpenCLIP-H, SD 2.x), or the file names it as a lone te (768 CLIP-L: SD 1.x; SDXL's
+    files say te1). Files of other widths (and single CLIP-L files named by ComfyUI keys) stay unknown.
+    """
+    slots = set(lora.slots)
+    for family in sorted(FAMILIES.values(), key=lambda f: -len(f.members)):
+        if any(_owners(s) == {family.id} for s in slots):
+            return family.id
+    meta = family_from_metadata(lora.metadata)
+    if meta:
+        return meta
+    kinds = {RELEASED_WIDTHS.get(w) for ws in _q_widths(lora).values() for w in ws}
+    encoder = next(iter(kinds)) if len(kinds) == 1 else None
+    for family in FAMILIES.values():
+        if encoder and family.encoders == (encoder,) and (slots == {"te"} or _owners(encoder) == {family.id}):
+            return family.id
+    return None
+
+
+def lora_shape(lora: LoraSet) -> str:
+    """'te1 width 768, te2 width 1280': the slots of a LoRA and the width of the encoder each was made for."""
+    parts = [f"{slot} width {'/'.join(map(str, sorted(ws)))}" for slot, ws in sorted(_q_widths(lora).items())]
+    return ", ".join(parts) or ", ".join(lora.slots) or "no text-encoder modules"
+
+
+def describe_lora(lora: LoraSet, family: str | None = None) -> str:
+    """'SDXL (CLIP-L + CLIP-G): te1 width 768, te2 width 1280': the family (given, or when the file says so),
+    always the slots and widths."""
+    shape = lora_shape(lora)
+    family = family or lora_family(lora)
+    return f"{FAMILIES[family].label}: {shape}" if family else f"a text encoder of another size ({shape})"
+
+
+def family_mismatch(lora: LoraSet, clip_family: str | None) -> str | None:
+    """'this LoRA is for SDXL (CLIP-L + CLIP-G) but the CLIP is SD 1.x (CLIP-L)', or None when nothing says so."""
+    file_family = lora_family(lora)
+    if file_family is None or clip_family is None or file_family == clip_family:
+        return None
+    return f"this LoRA is for {FAMILIES[file_family].label} but the CLIP is {FAMILIES[clip_family].label}"
