@@ -11,7 +11,9 @@ like any other (ComfyUI does not zero it, whatever SDXL's force_zeros_for_empty_
 Differences: prompts longer than 75 tokens are truncated here (ComfyUI encodes them in 77-token chunks).
 
 The LoRA starts from the same seeded initialisation as the ComfyUI host (training/lora/trainable.py), is
-held by peft's LoRA layers (`inject_adapter_in_model`), and is saved in the pack's kohya form.
+held by peft's LoRA layers alone (`inject_adapter_in_model`), read and written through peft's state-dict helpers,
+and is saved in the pack's kohya form. What differs between families comes from the registry
+(training/lora/family.py).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class DiffusersHost:
 
         self.pipe = pipe
         self.family = family_of(pipe)
+        self.spec: Family = FAMILIES[self.family]
         self.device = torch.device(device) if device is not None else pipe.unet.device
         self.unet, self.vae = pipe.unet, pipe.vae
         self.dtype = self.unet.dtype
@@ -57,11 +60,9 @@ class DiffusersHost:
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.detach().float().cpu().contiguous()
         self._abar = self.alphas_cumprod.to(self.device)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        for module in (self.unet, self.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False).eval()
+        for module in (self.unet, self.vae, *(getattr(pipe, m.pipeline) for m in self.spec.members)):
+            module.requires_grad_(False).eval()
 
-        self.spec: Family = FAMILIES[self.family]
         names = [(m.pipeline, m.encoder) for m in self.spec.members]
         present = [enc for _, enc in names]
         wanted = present if encoders is None else list(encoders)
