@@ -1,9 +1,8 @@
 """TexForceTrain: DDPO/PPO on a text-encoder LoRA, on the MODEL/CLIP/VAE the graph loaded, in this process."""
 from __future__ import annotations
 
-import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -15,13 +14,12 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.checkpoint import prompts_digest
-from ..training.config import PRESETS, ConfigError, config_to_dict, make_config
+from ..training.config import PRESETS, ConfigError, make_config
 from ..training.hosts.comfy import ComfyHost
-from ..training.lora import LoraFileError, read_lora, save_kohya
-from ..training.lora.family import ENCODER_LABELS, family_label, family_of_comfy_config, native_size
-from ..training.lora.read import read_metadata
-from ..training.loop import Trainer, TrainingCancelled
+from ..training.lora import LoraFileError, read_lora
+from ..training.lora.family import family_of_comfy_config, native_size
+from ..training.loop import TrainingCancelled
+from ..training.run import RunFiles, TrainingRun
 from . import progress
 from .lora_apply import ClipLayout, clip_patches, match_to_clip
 from .lora_files import save_path
@@ -66,28 +64,6 @@ def native_resolution(model) -> int:
         return int(stated)
     return native_size(family_of_comfy_config(config),
                        isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION))
-
-
-def check_resume_layout(lora_path: Path, run: str, family: str | None, encoders: list[str]) -> None:
-    """Refuse to resume a run trained on another model family or another choice of text encoders.
-
-    The run's LoRA file records both (texforce.family, texforce.encoders); resuming across them would load a
-    LoRA of other shapes into this model, or drop the part of it this setting does not train."""
-    if not lora_path.is_file():
-        return
-    meta = read_metadata(lora_path)
-    was_family = meta.get("texforce.family")
-    if was_family and family and was_family != family:
-        raise LoraFileError(
-            f"run {run!r} was trained on {family_label(was_family)} ({lora_path.name}), but this CLIP is "
-            f"{family_label(family)}: resume it with the checkpoint it was trained on, or choose another lora_name.")
-    was = [e for e in meta.get("texforce.encoders", "").split(",") if e]
-    if was and sorted(was) != sorted(encoders):
-        names = " + ".join(ENCODER_LABELS.get(e, e) for e in sorted(was))
-        raise LoraFileError(
-            f"run {run!r} trained {names} ({lora_path.name}); this setting trains "
-            f"{' + '.join(ENCODER_LABELS.get(e, e) for e in sorted(encoders))}. Set text_encoders as the run was "
-            "started, or choose another lora_name.")
 
 
 def node_accumulation(images_per_epoch: int, batch_size: int, preset: str, optimizer_steps: int = 0) -> int:
@@ -216,63 +192,42 @@ class TexForceTrain(io.ComfyNode):
         if advantage != "preset":
             overrides["advantage"] = advantage
         cfg = make_config(preset, **overrides)
-        lora_path = save_path(lora_name, LORA_SUBFOLDER)
-        out_dir = run_dir(lora_name)
-        ckpt = out_dir / "checkpoint.pt"
-        if not resume and (lora_path.exists() or ckpt.exists()):
+        files = RunFiles(lora=save_path(lora_name, LORA_SUBFOLDER), folder=run_dir(lora_name))
+        lora_path = files.lora
+        if not resume and (lora_path.exists() or files.checkpoint.exists()):
             raise LoraFileError(f"A run named {lora_name!r} exists ({lora_path.name}); switch resume on to continue "
                                 "it, or choose another lora_name.")
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         with torch.inference_mode(False):
             host = ComfyHost(model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed,
                              encoders=ENCODER_CHOICES[text_encoders])
-            layout = ClipLayout.of(clip)
-            family = layout.family
-            if resume:
-                check_resume_layout(lora_path, lora_name, family, host.encoders)
             pbar = comfy.utils.ProgressBar(epochs)
-            meta = {"preset": preset, "reward": getattr(reward, "name", type(reward).__name__),
-                    "encoders": ",".join(host.encoders), "width": width, "height": height,
-                    "prompts_sha256": prompts_digest(prompt_list),
-                    "num_steps": cfg.num_steps, "guidance": cfg.guidance, "config": json.dumps(config_to_dict(cfg))}
-            state = {"last_epoch": 0}
 
             def on_epoch(stats) -> None:
-                save_kohya(host.lora.to_lora_set(lora_name), lora_path, family=family,
-                           metadata={**meta, "epoch": stats.epoch})
-                with open(out_dir / "history.jsonl", "a") as f:
-                    f.write(json.dumps(stats.as_dict()) + "\n")
-                state["last_epoch"] = stats.epoch
                 _send({"node": node_id, "run": lora_name, "status": "running", "epochs": epochs, **stats.as_dict()})
                 pbar.update_absolute(stats.epoch, epochs)
 
-            out_dir.mkdir(parents=True, exist_ok=True)
-            trainer = Trainer(host, reward, prompt_list, cfg, checkpoint_path=ckpt, on_epoch=on_epoch,
-                              should_stop=mm.processing_interrupted, resume=resume)  # validates the settings
-            sampling = model.get_model_object("model_sampling")
-            if hasattr(sampling, "sigma"):  # the run's sigmas, for MODEL patches that read sample_sigmas
-                host.sample_sigmas = sampling.sigma(trainer.schedule.timesteps.float()).cpu()
+            job = TrainingRun(host, reward, prompt_list, cfg, files, name=lora_name, resume=resume,
+                              should_stop=mm.processing_interrupted, on_epoch=on_epoch)  # validates the settings
             t0 = time.time()
             try:
-                trainer.run(epochs)
+                history = job.run(epochs)
             except (TrainingCancelled, mm.InterruptProcessingException):  # Cancel: polled, or raised by the progress hook
-                _send({"node": node_id, "run": lora_name, "status": "cancelled", "epoch": state["last_epoch"]})
+                _send({"node": node_id, "run": lora_name, "status": "cancelled", "epoch": job.epoch})
                 mm.throw_exception_if_processing_interrupted()
                 raise
             except BaseException as e:
                 _send({"node": node_id, "run": lora_name, "status": "failed", "error": str(e)[:500],
-                       "epoch": state["last_epoch"]})
+                       "epoch": job.epoch})
                 raise
-            history = trainer.history
             _send({"node": node_id, "run": lora_name, "status": "done", "epochs": epochs,
                    "epoch": history[-1]["epoch"] if history else 0, "seconds": time.time() - t0})
-            if not lora_path.exists():  # nothing trained this call (the run was already complete): save once
-                save_kohya(host.lora.to_lora_set(lora_name), lora_path, family=family, metadata=meta)
-            samples = trainer.last_images if trainer.last_images is not None else torch.zeros(1, height, width, 3)
+            last = job.trainer.last_images
+            samples = last if last is not None else torch.zeros(1, height, width, 3)
         trained = read_lora(lora_path)
         trained.source = lora_path.name
         out_clip = clip.clone()
-        out_clip.add_patches(clip_patches(match_to_clip(trained, layout)), 1.0)
+        out_clip.add_patches(clip_patches(match_to_clip(trained, ClipLayout.of(clip))), 1.0)
         curve = reward_curve_image([h["reward_mean"] for h in history], [h["reward_std"] for h in history],
-                                   title=f"{lora_name}: {meta['reward']} per epoch")
+                                   title=f"{lora_name}: {job.metadata['reward']} per epoch")
         return io.NodeOutput(out_clip, str(lora_path), curve, samples.float().cpu())

@@ -15,7 +15,7 @@ from test_lora_loading import run_loader, write
 LoraFileError = pack.training.lora.LoraFileError
 Fuse = pack.nodes.lora_nodes.TexForceLoraFuse
 ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
-train_node = importlib.import_module(f"{pack.__name__}.nodes.train_node")
+run_module = importlib.import_module(f"{pack.__name__}.training.run")
 checkpoint = importlib.import_module(f"{pack.__name__}.training.checkpoint")
 CheckpointError = checkpoint.CheckpointError
 LABEL = {"sd1": r"SD 1\.x \(CLIP-L\)", "sd2": r"SD 2\.x \(OpenCLIP-H\)", "sdxl": r"SDXL \(CLIP-L \+ CLIP-G\)"}
@@ -121,7 +121,7 @@ def test_trainer_checks_the_lora_layout_of_a_checkpoint_without_model_record(tra
         loop.Trainer(other, brightness, PROMPTS, cfg, checkpoint_path=ckpt)
 
 
-def test_train_node_refuses_to_resume_a_run_of_another_family_or_encoder_choice(loras_dir):
+def test_a_run_refuses_to_resume_a_run_of_another_family_or_encoder_choice(loras_dir):
     clip = tiny_models.tiny_clip("sdxl", 0)
     path = loras_dir / "run.safetensors"
     lora = pack.training.lora.LoraSet(source="run", format="kohya")
@@ -130,12 +130,12 @@ def test_train_node_refuses_to_resume_a_run_of_another_family_or_encoder_choice(
     pack.training.lora.save_kohya(lora, path, family="sdxl", metadata={"encoders": "clip_g"})
     with pytest.raises(LoraFileError, match=rf"run 'run' was trained on {LABEL['sdxl']} \(run\.safetensors\), but "
                                             rf"this CLIP is {LABEL['sd1']}"):
-        train_node.check_resume_layout(path, "run", "sd1", ["clip_l"])
+        run_module.check_resume_layout(path, "run", "sd1", ["clip_l"])
     with pytest.raises(LoraFileError, match=r"run 'run' trained CLIP-G \(run\.safetensors\); this setting trains "
                                             r"CLIP-G \+ CLIP-L"):
-        train_node.check_resume_layout(path, "run", "sdxl", ["clip_l", "clip_g"])
-    train_node.check_resume_layout(path, "run", "sdxl", ["clip_g"])  # the same layout resumes
-    train_node.check_resume_layout(loras_dir / "new.safetensors", "new", "sd1", ["clip_l"])  # a new run
+        run_module.check_resume_layout(path, "run", "sdxl", ["clip_l", "clip_g"])
+    run_module.check_resume_layout(path, "run", "sdxl", ["clip_g"])  # the same layout resumes
+    run_module.check_resume_layout(loras_dir / "new.safetensors", "new", "sd1", ["clip_l"])  # a new run
 
 
 @pytest.mark.parametrize("model_family,clip_family,pattern", [

@@ -192,6 +192,9 @@ class ToyHost:
     def lora_modules(self) -> dict[str, LoraLinear]:
         return {name: m for name, m in self.encoder.named_modules() if isinstance(m, LoraLinear)}
 
+    def set_schedule(self, timesteps: torch.Tensor) -> None:
+        pass
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.lora_modules().values() for p in (m.down, m.up)]
 

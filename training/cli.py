@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -25,13 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import prompts_digest
 from .config import ConfigError, config_to_dict, make_config
 from .distributed import ProcessGroup, SingleProcess, device_for, init_from_env
 from .lora.family import native_size
-from .lora.keys import parse_state_dict
-from .lora.write import save_kohya
-from .loop import Trainer, TrainingCancelled
+from .loop import TrainingCancelled
+from .run import RunFiles, TrainingRun
 
 log = logging.getLogger("texforce.train")
 
@@ -171,22 +168,16 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _write_json_atomic(path: Path, lines: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(settings: RunSettings, reward_factory: RewardFactory, dist: SingleProcess | ProcessGroup) -> list[dict]:
     """Load, train, save; returns the run's history. Every rank calls it; rank 0 writes the files."""
     from .hosts.diffusers import DiffusersHost, load_pipeline
 
     cfg = _config(settings)
     out = settings.path(settings.output)
-    lora_path, ckpt = out / f"{settings.name}.safetensors", out / "checkpoint.pt"
+    files = RunFiles(lora=out / f"{settings.name}.safetensors", folder=out)
     if Path(settings.name).name != settings.name or settings.name in ("", ".", ".."):
         raise SettingsError(f"name {settings.name!r} must be a plain file name, without folders")
-    if not settings.resume and ckpt.exists():
+    if not settings.resume and files.checkpoint.exists():
         raise SettingsError(f"{out} already holds a run (checkpoint.pt); resume it (drop --no-resume) or choose "
                             "another --output")
     prompts = read_prompts(settings.path(settings.prompts))
@@ -202,10 +193,6 @@ def run(settings: RunSettings, reward_factory: RewardFactory, dist: SingleProces
         cfg = _config(settings, height=size, width=size)
     reward = reward_factory(settings.reward, base_dir=settings.base_dir, device=device,
                             normalize=settings.normalize_rewards)
-    reward_name = getattr(reward, "name", type(reward).__name__)
-    meta = {"preset": settings.preset, "reward": reward_name, "prompts_sha256": prompts_digest(prompts),
-            "num_steps": cfg.num_steps, "guidance": cfg.guidance, "config": json.dumps(config_to_dict(cfg)),
-            "trainer": "headless", "processes": dist.world_size}
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -217,30 +204,23 @@ def run(settings: RunSettings, reward_factory: RewardFactory, dist: SingleProces
     bar = _progress(cfg.epochs, dist)
 
     def on_epoch(stats) -> None:
-        if dist.is_main:
-            lora = parse_state_dict(host.lora_state(), source=settings.name)
-            save_kohya(lora, lora_path, family=host.family, metadata={**meta, "epoch": stats.epoch})
-            _write_json_atomic(out / "history.jsonl", trainer.history)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{stats.reward_mean:.4g}", kl=f"{stats.approx_kl:.2g}")
 
-    trainer = Trainer(host, reward, prompts, cfg, checkpoint_path=ckpt, on_epoch=on_epoch, resume=settings.resume,
-                      dist=dist)
+    job = TrainingRun(host, reward, prompts, cfg, files, name=settings.name, resume=settings.resume, dist=dist,
+                      metadata={"trainer": "headless", "processes": dist.world_size}, on_epoch=on_epoch)
     if bar is not None:
-        bar.update(trainer.epoch)
+        bar.update(job.epoch)
     t0 = time.time()
     try:
-        trainer.run()
+        history = job.run()
     finally:
         if bar is not None:
             bar.close()
-    if dist.is_main and not lora_path.exists():  # the run was already complete: write its LoRA once
-        save_kohya(parse_state_dict(host.lora_state(), source=settings.name), lora_path, family=host.family,
-                   metadata={**meta, "epoch": trainer.epoch})
     if dist.is_main:
-        log.info("done: %d epochs in %.1fs; LoRA %s", trainer.epoch, time.time() - t0, lora_path)
-    return trainer.history
+        log.info("done: %d epochs in %.1fs; LoRA %s", job.epoch, time.time() - t0, files.lora)
+    return history
 
 
 def _config(settings: RunSettings, **defaults: Any):

@@ -31,6 +31,9 @@ class Host(Protocol):
     def predictor(self, cond: Cond, uncond: Cond, guidance: float) -> AbstractContextManager[Predict]:
         """A context in which predict(x, t) evaluates the frozen denoiser with these conds."""
 
+    def set_schedule(self, timesteps: torch.Tensor) -> None:
+        """The run's DDIM timesteps (N,), told once before sampling (ComfyUI: MODEL patches read them as sigmas)."""
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VP-space latents -> images B×H×W×C in 0..1 (no gradient)."""
 

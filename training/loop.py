@@ -173,6 +173,7 @@ class Trainer:
         self.on_epoch, self.should_stop = on_epoch, should_stop
         self.schedule = ddim_schedule(host.alphas_cumprod, cfg.num_steps)
         self._sched = self.schedule.to(host.device)
+        host.set_schedule(self.schedule.timesteps)
         self.K, self.W = train_timesteps(cfg), window_steps(cfg)
         self.params = list(host.trainable_parameters())
         if not self.params:

@@ -172,6 +172,11 @@ class ComfyHost:
         ratio = getattr(fmt, "spacial_downscale_ratio", 8)
         return fmt.latent_channels, height // ratio, width // ratio
 
+    def set_schedule(self, timesteps: torch.Tensor) -> None:
+        sampling = self._model.get_model_object("model_sampling")
+        if hasattr(sampling, "sigma"):  # the run's sigmas, for MODEL patches that read sample_sigmas
+            self.sample_sigmas = sampling.sigma(timesteps.float()).cpu()
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.lora.parameters())
 

@@ -160,6 +160,9 @@ class DiffusersHost:
                                            alpha=self.alpha)
         return lora
 
+    def set_schedule(self, timesteps: torch.Tensor) -> None:
+        """Nothing to do: the pipeline's denoiser takes the timestep of each call."""
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._params)
 
