@@ -18,7 +18,9 @@ from texforce_pack.training import checkpoint as ckpt
 from texforce_pack.training.advantages import RewardError, batch_advantages
 from texforce_pack.training.config import make_config
 from texforce_pack.training.ddim import ddim_step
-from texforce_pack.training.loop import Trainer, TrainingCancelled, _expand
+from texforce_pack.training.loop import Trainer, TrainingCancelled
+from texforce_pack.training.sampling import expand
+from texforce_pack.training.update import UpdateLog, step_groups
 from toy_host import ToyHost
 
 torch.set_num_threads(1)
@@ -86,7 +88,7 @@ def test_one_ppo_update_raises_the_surrogate_on_its_own_batch():
         before = host.lora_state()
         with host.training():
             info = tr.train_on(batch)
-        assert info["steps"] == 1 and not lora_equal(before, host.lora_state())
+        assert info.steps == 1 and not lora_equal(before, host.lora_state())
         new = tr.log_probs(batch)
         surrogate = (batch.advantages[:, None] * (new - batch.log_probs)).sum().item()
         assert surrogate > 0, f"seed {seed}: the update lowered Σ A·(log p_new − log p_old) ({surrogate})"
@@ -259,7 +261,7 @@ def test_accumulating_micro_batches_is_one_big_batch():
         batch = sampled_batch(tr)
         with host.training():
             info = tr.train_on(batch)
-        results.append((info["steps"], info["grad_norm"][0], host.lora_state()))
+        results.append((info.steps, info.grad_norm[0], host.lora_state()))
     steps, norm, state = results[0]
     for other_steps, other_norm, other_state in results[1:]:
         assert steps == other_steps == 1
@@ -284,13 +286,13 @@ def test_evaluation_uses_fixed_noise_independent_of_batching(monkeypatch):
     """What is guaranteed: a seed gives the same images every time, and each image gets the same noise
     whatever the batch size (per-image generators). The images of another batch size are equal only up to
     float rounding: a matmul's summation order depends on the batch size on some CPUs (7e-7 seen)."""
-    from texforce_pack.training import loop as loop_module
+    from texforce_pack.training import sampling as sampling_module
 
     host = ToyHost(0, lora_up_std=0.3)
     tr = trainer(host)
     r1, r2 = tr.evaluate(PROMPTS * 2, 7), tr.evaluate(PROMPTS * 2, 7)
     assert torch.equal(r1, r2) and not torch.equal(r1, tr.evaluate(PROMPTS * 2, 8))
-    real_step, steps = loop_module.ddim_step, len(tr._sched)
+    real_step, steps = sampling_module.ddim_step, len(tr._sched)
 
     def generate_recording_noise(batch_size: int, seed: int = 7):
         tr.cfg = dataclasses.replace(tr.cfg, sample_batch_size=batch_size)
@@ -300,9 +302,9 @@ def test_evaluation_uses_fixed_noise_independent_of_batching(monkeypatch):
             noises.append(noise.clone())
             return real_step(*args, noise=noise, **kwargs)
 
-        monkeypatch.setattr(loop_module, "ddim_step", recording_step)
+        monkeypatch.setattr(sampling_module, "ddim_step", recording_step)
         images = tr.generate(PROMPTS * 2, seed)
-        monkeypatch.setattr(loop_module, "ddim_step", real_step)
+        monkeypatch.setattr(sampling_module, "ddim_step", real_step)
         # calls run batch by batch, step by step: (steps, images, C, H, W)
         return images, torch.cat([torch.stack(noises[i:i + steps]) for i in range(0, len(noises), steps)], dim=1)
 
@@ -342,7 +344,7 @@ def test_the_ddpo_gradient_estimate_is_unbiased_on_a_linear_gaussian_chain():
             bp = prompts[s:s + 1024]
             b = len(bp)
             x = torch.randn(b, 4, 2, 2, generator=gen)
-            with host.predictor(host.encode(bp), _expand(host.encode([""]), b), cfg.guidance) as predict:
+            with host.predictor(host.encode(bp), expand(host.encode([""]), b), cfg.guidance) as predict:
                 for i in range(steps):
                     z = torch.randn(b, 4, 2, 2, generator=gen)
                     eps = predict(x, sched.timesteps[i].expand(b))
@@ -388,18 +390,16 @@ def test_step_over_ranks_sums_gradients_and_leaves_gradientless_parameters_alone
         unused.fill_(0.5)
     before = unused.detach().clone()
     used.grad = torch.ones_like(used)
-    info = {"skipped": 0, "grad_norm": [], "steps": 0, "updated": False, "lr": 0.0}
+    info = UpdateLog()
     tr._optimizer_step(info)
     # the summed gradient (2 per element) was clipped and applied; the parameter nobody had a gradient for
     # got no weight decay, exactly as on one process (AdamW skips parameters whose grad is None)
-    assert info["grad_norm"][0] == pytest.approx(2 * used.numel() ** 0.5, rel=1e-5)
+    assert info.grad_norm[0] == pytest.approx(2 * used.numel() ** 0.5, rel=1e-5)
     assert torch.equal(unused.detach(), before)
 
 
 @pytest.mark.parametrize("total,per_step", [(16, 4), (8, 2), (15, 4), (7, 8), (1, 4)])
 def test_step_groups_cover_every_sample_once_and_split_evenly_over_contiguous_shares(total, per_step):
-    from texforce_pack.training.loop import step_groups
-
     groups = step_groups(total, per_step, torch.Generator().manual_seed(0))
     assert len(groups) == -(-total // per_step)
     assert sorted(torch.cat(groups).tolist()) == list(range(total))
@@ -412,8 +412,6 @@ def test_step_groups_cover_every_sample_once_and_split_evenly_over_contiguous_sh
 
 
 def test_step_groups_are_random():
-    from texforce_pack.training.loop import step_groups
-
     a = step_groups(16, 4, torch.Generator().manual_seed(0))
     b = step_groups(16, 4, torch.Generator().manual_seed(1))
     assert [g.tolist() for g in a] != [g.tolist() for g in b]
@@ -456,9 +454,9 @@ def test_train_window_trains_only_the_noisy_end_of_the_chain(monkeypatch):
         columns = []
         original = tr.backward_microbatch
 
-        def spy(batch, idx, cols, scale, info=None, original=original, columns=columns):
+        def spy(batch, idx, cols, scale, update=None, original=original, columns=columns):
             columns.append(cols.clone())
-            return original(batch, idx, cols, scale, info)
+            return original(batch, idx, cols, scale, update)
 
         monkeypatch.setattr(tr, "backward_microbatch", spy)
         tr.run(1)
@@ -467,3 +465,36 @@ def test_train_window_trains_only_the_noisy_end_of_the_chain(monkeypatch):
         assert cols.shape[1] == (2 if window == 0.5 else 4)  # K = round(W × 2/3), W = 3 or 6
     assert int(seen[0.5].max()) <= 2 and set(seen[0.5].flatten().tolist()) == {0, 1, 2}
     assert int(seen[1.0].max()) == 5
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_is_a_linear_warm_up_then_cosine_as_torchs_schedulers_give_it(schedule):
+    """The closed form (training/optim.py) against torch's LinearLR + CosineAnnealingLR (or ConstantLR) in a
+    SequentialLR, step by step; the Trainer's LambdaLR gives the closed form's values."""
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
+    from texforce_pack.training.config import total_optimizer_steps, warmup_steps
+    from texforce_pack.training.optim import lr_factor, make_optimizer
+
+    cfg = make_config("texforce", **{**TINY, "epochs": 8, "warmup_fraction": 0.25, "lr_schedule": schedule})
+    warm, total = warmup_steps(cfg), total_optimizer_steps(cfg)
+    assert (warm, total) == (4, 16)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    after = (CosineAnnealingLR(opt, T_max=total - warm) if schedule == "cosine"
+             else ConstantLR(opt, factor=1.0, total_iters=0))
+    reference = SequentialLR(opt, [LinearLR(opt, 1 / (warm + 1), 1.0, total_iters=warm), after], milestones=[warm])
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+    assert [lr_factor(cfg, s) for s in range(total)] == pytest.approx(expected, abs=1e-6)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = make_optimizer([param], cfg)
+    used = []
+    for _ in range(total):
+        used.append(optimizer.param_groups[0]["lr"])
+        param.grad = torch.zeros(1)
+        optimizer.step()
+        scheduler.step()
+    assert used == [cfg.lr * lr_factor(cfg, s) for s in range(total)]

@@ -114,7 +114,7 @@ def assert_ratio_one_and_update_raises_surrogate(host, tr) -> None:
         with host.training(), torch.enable_grad():
             info = tr.train_on(traj)
         after = tr.log_probs(traj)
-    assert info["steps"] == 1 and max(float(e) for e in info["ratio_errors"]) == 0.0
+    assert info.steps == 1 and max(float(e) for e in info.ratio_errors) == 0.0
     gain = float((traj.advantages[:, None] * (after - before)).sum())
     assert gain > 0, gain
 

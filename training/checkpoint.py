@@ -2,7 +2,8 @@
 
 A checkpoint is one `torch.save` file holding only tensors and plain containers:
     {"format", "version", "epoch", "lora_state", "optimizer", "scheduler", "stat_tracker",
-     "rng": {name: ByteTensor}, "config": dict, "history": [dict per epoch], "prompts_sha256"}
+     "rng": {name: ByteTensor}, "config": dict, "history": [dict per epoch], "prompts_sha256",
+     "model": {"family", "encoders"} or None, "reward_state" (a reward mix's running statistics, if any)}
 It is written to a temporary file in the same folder and moved over the old one with os.replace, so a
 crash or Ctrl-C during the write leaves the previous epoch's checkpoint intact. It is read only with
 `torch.load(..., weights_only=True)`: a file that tries to run code on load is refused.
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig, config_to_dict
+from .lora.family import encoders_label, family_label
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,37 @@ class CheckpointError(ValueError):
 
 def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def clone_cpu(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples of tensors onto the CPU: snapshots and checkpoints must not alias
+    live state (the optimizer would otherwise mutate a restored snapshot in place)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: clone_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clone_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(clone_cpu(v) for v in obj)
+    return obj
+
+
+def model_identity(host: object) -> dict[str, Any] | None:
+    """The family and trained encoders of a host's model, when the host says (both real hosts do)."""
+    family, encoders = getattr(host, "family", None), getattr(host, "encoders", None)
+    return {"family": family, "encoders": sorted(encoders)} if family and encoders else None
+
+
+def check_model(saved: dict[str, Any] | None, here: dict[str, Any] | None, path: str | os.PathLike) -> None:
+    """Refuse to resume a checkpoint of another model family or another choice of trained encoders: its LoRA
+    would not fit this model, or part of it would be silently dropped."""
+    if saved and here and saved != here:
+        def label(m: dict) -> str:
+            return f"{encoders_label(m['encoders'])} of {family_label(m['family'], m['family'])}"
+        raise CheckpointError(f"cannot resume {path}: it trained the {label(saved)}, but this run trains the "
+                              f"{label(here)}. Use the model and text-encoder choice it was trained with, or "
+                              "start a new run (another name / output folder, or resume off).")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -92,6 +92,31 @@ class ProcessGroup:
             self._dist.destroy_process_group()
 
 
+Group = SingleProcess | ProcessGroup
+
+
+def shard(group: Group, n: int) -> tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of n samples (n is a multiple of the world size)."""
+    per = n // group.world_size
+    return group.rank * per, (group.rank + 1) * per
+
+
+def sum_gradients(group: Group, params: list[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its sum over ranks. A rank without a gradient for a parameter (it
+    held none of the step's samples) contributes zeros; a parameter no rank has a gradient for keeps grad None,
+    as on one process, so AdamW leaves it alone (no weight decay)."""
+    if group.world_size == 1:
+        return
+    present = torch.tensor([float(p.grad is not None) for p in params])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    group.all_reduce_sum([p.grad for p in params] + [present])
+    for p, n in zip(params, present.tolist()):
+        if n == 0:
+            p.grad = None
+
+
 def launched_world_size() -> int:
     """WORLD_SIZE as set by torchrun / accelerate launch; 1 when started as a plain process."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -22,8 +22,9 @@ from .lora import LoraFileError, save_kohya
 from .lora.family import ENCODER_LABELS, family_label
 from .lora.keys import parse_state_dict
 from .lora.read import read_metadata
-from .loop import EpochStats, Trainer
+from .loop import Trainer
 from .reward import Reward
+from .stats import EpochStats
 
 log = logging.getLogger(__name__)
 
