@@ -8,7 +8,7 @@ stays identical everywhere without broadcasting weights; rank 0 alone writes fil
 
 The gradient is all-reduced explicitly rather than through a DistributedDataParallel wrapper: the trainer
 runs the text encoder once per micro-batch and back-propagates the K timesteps through detached leaves
-(training/loop.py), a pattern DDP's once-per-forward hooks do not follow. An explicit reduce of the LoRA's
+(training/update.py), a pattern DDP's once-per-forward hooks do not follow. An explicit reduce of the LoRA's
 few parameters is exact, cheap, and tested against a single-process run.
 
 Works under `torchrun` and `accelerate launch` (both set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT);

@@ -167,9 +167,11 @@ class Trainer:
                raw_components: bool = False) -> Trajectory:
         """Denoise, decode and score `prompts` (no grad); see sampling.sample. raw_components: a reward mix's
         per-component scores (B, M) instead of mixed rewards, to combine over the whole epoch."""
-        traj, self._reward_seconds = sample(
-            self.host, self.cfg, self._sched, prompts, seed, lambda im, p: score(self.reward_fn, im, p, raw_components),
-            self._poll, keep=keep, offset=offset)
+        def score_batch(images: torch.Tensor, batch_prompts: list[str]) -> torch.Tensor:
+            return score(self.reward_fn, images, batch_prompts, raw_components)
+
+        traj, self._reward_seconds = sample(self.host, self.cfg, self._sched, prompts, seed, score_batch, self._poll,
+                                            keep=keep, offset=offset)
         return traj
 
     def train_on(self, batch: Trajectory, offset: int = 0, total: int | None = None) -> UpdateLog:
