@@ -5,6 +5,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,7 +15,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.config import PRESETS, ConfigError, make_config
+from ..training.config import PRESETS, ConfigError, TrainConfig, make_config
 from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora
 from ..training.lora.family import family_of_comfy_config, native_size
@@ -78,6 +79,33 @@ def node_accumulation(images_per_epoch: int, batch_size: int, preset: str, optim
         return micro // optimizer_steps
     wanted = NODE_OPTIMIZER_STEPS.get(preset, 2)
     return micro // wanted if micro % wanted == 0 and micro >= wanted else micro
+
+
+def node_config(*, preset: str, epochs: int, images_per_epoch: int, images_per_prompt: int, batch_size: int,
+                width: int, height: int, steps: int, guidance: float, eta: float, learning_rate: float,
+                lora_rank: int, kl_weight: float, advantage: str, seed: int, optimizer_steps: int = 0,
+                native_size: Callable[[], int]) -> TrainConfig:
+    """The run's settings from the node's widgets, every rule in one place. Widgets override the preset; four
+    keep a special value that saved workflows rely on, meaning "the preset's" or "the model's":
+    - width / height 0: the model family's native size (`native_size()`, asked only then);
+    - kl_weight −1: the preset's β (dpok's 0.01, 0 for the others);
+    - advantage "preset": the preset's advantage mode;
+    - optimizer_steps 0: the preset's optimizer steps per epoch, as gradient accumulation (node_accumulation).
+    batch_size is both the sampling batch and the training micro-batch (memory only); lora_alpha is the rank."""
+    if not width or not height:
+        size = native_size()
+        width, height = width or size, height or size
+    overrides = dict(epochs=epochs, images_per_epoch=images_per_epoch, images_per_prompt=images_per_prompt,
+                     sample_batch_size=batch_size, train_batch_size=batch_size,
+                     gradient_accumulation_steps=node_accumulation(images_per_epoch, batch_size, preset,
+                                                                   optimizer_steps),
+                     width=width, height=height, num_steps=steps, guidance=guidance, eta=eta, lr=learning_rate,
+                     lora_rank=lora_rank, lora_alpha=float(lora_rank), seed=seed)
+    if kl_weight >= 0:
+        overrides["kl_weight"] = kl_weight
+    if advantage != "preset":
+        overrides["advantage"] = advantage
+    return make_config(preset, **overrides)
 
 
 def _prompt_list(text: str) -> list[str]:
@@ -178,20 +206,11 @@ class TexForceTrain(io.ComfyNode):
         prompt_list = _prompt_list(prompts)
         if text_encoders not in ENCODER_CHOICES:
             raise ConfigError(f"text_encoders must be one of {', '.join(ENCODER_CHOICES)}, got {text_encoders!r}")
-        if not width or not height:
-            size = native_resolution(model)
-            width, height = width or size, height or size
-        accumulation = node_accumulation(images_per_epoch, batch_size, preset, optimizer_steps)
-        overrides = dict(epochs=epochs, images_per_epoch=images_per_epoch, images_per_prompt=images_per_prompt,
-                         sample_batch_size=batch_size, train_batch_size=batch_size,
-                         gradient_accumulation_steps=accumulation,
-                         width=width, height=height, num_steps=steps, guidance=guidance, eta=eta,
-                         lr=learning_rate, lora_rank=lora_rank, lora_alpha=float(lora_rank), seed=seed)
-        if kl_weight >= 0:
-            overrides["kl_weight"] = kl_weight
-        if advantage != "preset":
-            overrides["advantage"] = advantage
-        cfg = make_config(preset, **overrides)
+        cfg = node_config(preset=preset, epochs=epochs, images_per_epoch=images_per_epoch,
+                          images_per_prompt=images_per_prompt, batch_size=batch_size, width=width, height=height,
+                          steps=steps, guidance=guidance, eta=eta, learning_rate=learning_rate, lora_rank=lora_rank,
+                          kl_weight=kl_weight, advantage=advantage, seed=seed, optimizer_steps=optimizer_steps,
+                          native_size=lambda: native_resolution(model))
         files = RunFiles(lora=save_path(lora_name, LORA_SUBFOLDER), folder=run_dir(lora_name))
         lora_path = files.lora
         if not resume and (lora_path.exists() or files.checkpoint.exists()):
@@ -223,7 +242,7 @@ class TexForceTrain(io.ComfyNode):
             _send({"node": node_id, "run": lora_name, "status": "done", "epochs": epochs,
                    "epoch": history[-1]["epoch"] if history else 0, "seconds": time.time() - t0})
             last = job.trainer.last_images
-            samples = last if last is not None else torch.zeros(1, height, width, 3)
+            samples = last if last is not None else torch.zeros(1, cfg.height, cfg.width, 3)
         trained = read_lora(lora_path)
         trained.source = lora_path.name
         out_clip = clip.clone()

@@ -215,3 +215,26 @@ def test_a_normalised_reward_mix_keeps_its_statistics_across_resume(tmp_path):
         loop.Trainer(host, mix, PROMPTS, small_config(epochs=2), checkpoint_path=ckpt).run(len(mixes) + 1)
         mixes.append(mix.state_dict())
     assert mixes[1]["stats"][0]["count"] == 2 * mixes[0]["stats"][0]["count"] > 0
+
+
+def test_node_widgets_zero_and_minus_one_mean_the_presets_and_the_models_values():
+    """TexForce Train's special widget values (kept for saved workflows) and what they become."""
+    train_node = importlib.import_module(f"{pack.__name__}.nodes.train_node")
+    widgets = dict(preset="dpok", epochs=3, images_per_epoch=32, images_per_prompt=4, batch_size=4, width=0,
+                   height=256, steps=20, guidance=5.0, eta=1.0, learning_rate=1e-3, lora_rank=8, kl_weight=-1.0,
+                   advantage="preset", seed=1, optimizer_steps=0)
+    asked = []
+    cfg = train_node.node_config(**widgets, native_size=lambda: asked.append(True) or 64)
+    dpok = config.make_config("dpok")
+    assert (cfg.width, cfg.height) == (64, 256) and asked == [True]
+    assert cfg.kl_weight == dpok.kl_weight > 0 and cfg.advantage == dpok.advantage
+    assert cfg.gradient_accumulation_steps == 4  # 8 micro-batches of 4, the preset's 2 optimizer steps
+    assert (cfg.sample_batch_size, cfg.train_batch_size, cfg.lora_rank, cfg.lora_alpha) == (4, 4, 8, 8.0)
+
+    def never() -> int:
+        raise AssertionError("both sizes are set: the model's native size is not needed")
+
+    cfg = train_node.node_config(**{**widgets, "width": 128, "kl_weight": 0.0, "advantage": "group",
+                                    "optimizer_steps": 8}, native_size=never)
+    assert (cfg.width, cfg.height, cfg.kl_weight, cfg.advantage) == (128, 256, 0.0, "group")
+    assert cfg.gradient_accumulation_steps == 1
