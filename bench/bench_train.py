@@ -117,6 +117,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch, "mm": mm, "pack": pack, "tiny_models": tiny_models,
         "ComfyHost": importlib.import_module(f"{PACK_NAME}.training.hosts.comfy").ComfyHost,
         "loop": importlib.import_module(f"{PACK_NAME}.training.loop"),
+        # the modules that call ddim_step (sampling: the chain; update: the training pass)
+        "ddim_users": [importlib.import_module(f"{PACK_NAME}.training.{m}") for m in ("sampling", "update")],
         "config": importlib.import_module(f"{PACK_NAME}.training.config"),
     }
 
@@ -344,9 +346,10 @@ class Breakdown:
             self.add(f"{ph}.predictor_cleanup", self.clock() - t_exit[0])
 
         self._patch(host, "predictor", predictor)
-        orig_ddim = loop.ddim_step
-        self._undo.append(lambda: setattr(loop, "ddim_step", orig_ddim))
-        loop.ddim_step = self.timed(lambda: f"{self.phase()}.ddim_step", orig_ddim)
+        for module in self.env["ddim_users"]:
+            orig_ddim = module.ddim_step
+            self._undo.append(lambda m=module, f=orig_ddim: setattr(m, "ddim_step", f))
+            module.ddim_step = self.timed(lambda: f"{self.phase()}.ddim_step", orig_ddim)
         self._patch(tr, "_optimizer_step", self.timed(lambda: "train.optimizer_step", tr._optimizer_step))
         orig_backward = torch.autograd.backward
 
