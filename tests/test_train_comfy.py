@@ -238,3 +238,38 @@ def test_node_widgets_zero_and_minus_one_mean_the_presets_and_the_models_values(
                                     "optimizer_steps": 8}, native_size=never)
     assert (cfg.width, cfg.height, cfg.kl_weight, cfg.advantage) == (128, 256, 0.0, "group")
     assert cfg.gradient_accumulation_steps == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradient_and_leaves_the_unet_as_it_was(monkeypatch):
+    """Recomputing the U-Net blocks in backward (memory for time) must not change the LoRA's gradient."""
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    grads = []
+    for checkpointing in (False, True):
+        host, model, *_ = build(learnable=True)
+        host.gradient_checkpointing = checkpointing
+        randomise_lora(host)
+        tr = loop.Trainer(host, brightness, PROMPTS, small_config())
+        with torch.inference_mode(False):
+            traj = tr.sample(PROMPTS, seed=11)
+            traj.advantages = torch.tensor([1.0, -0.3, 0.7, -1.2])
+            with host.training(), torch.enable_grad():
+                tr.backward_microbatch(traj, torch.arange(4), torch.arange(3).repeat(4, 1), 1.0)
+        grads.append(torch.cat([p.grad.flatten() for p in host.trainable_parameters()]))
+        unet = model.model.diffusion_model
+        layers = [layer for stage in [*unet.input_blocks, unet.middle_block, *unet.output_blocks] for layer in stage]
+        assert all("forward" not in layer.__dict__ for layer in layers)
+        assert bool(calls) == checkpointing  # sampling never checkpoints; only the training pass does
+    assert grads[1].norm() > 0
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() < 1e-5
+
+
+def test_gradient_checkpointing_is_on_by_default_off_the_cpu_only():
+    host, *_ = build()
+    assert host.gradient_checkpointing is (torch.device(host.device).type != "cpu")

@@ -20,6 +20,7 @@ import types
 from typing import Iterator
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.clip_model
 import comfy.model_patcher
@@ -75,6 +76,30 @@ def _restore_parameters(swapped: list[tuple[torch.nn.Module, str, torch.nn.Param
         mod._parameters[name] = p
 
 
+def _checkpoint_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """Recompute each U-Net block during backward instead of keeping its activations (until _restore_blocks).
+
+    The training pass back-propagates through the whole U-Net to reach the conditioning; checkpointing keeps one
+    tensor per block instead of every attention map and norm in it, for about one more forward per backward.
+    Non-reentrant checkpointing, as ComfyUI's own LoRA trainer uses: the conditioning is not a block input's
+    leaf, and it still gets its gradient.
+    """
+    stages = [*getattr(unet, "input_blocks", []), *([unet.middle_block] if hasattr(unet, "middle_block") else []),
+              *getattr(unet, "output_blocks", [])]
+    # ComfyUI runs a stage's layers one by one (forward_timestep_embed), so the layers are what gets wrapped
+    blocks = [layer for stage in stages for layer in stage]
+    for block in blocks:
+        def checkpointed(*args, _forward=block.forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        block.forward = checkpointed  # an instance attribute: the class's forward comes back on restore
+    return blocks
+
+
+def _restore_blocks(blocks: list[torch.nn.Module]) -> None:
+    for block in blocks:
+        block.__dict__.pop("forward", None)
+
+
 def _clip_layer_forward_out_of_place(self, x, mask=None, optimized_attention=None):
     x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
     return x + self.mlp(self.layer_norm2(x))
@@ -97,7 +122,9 @@ class ComfyHost:
     """Implements training.host.Host on ComfyUI MODEL / CLIP / VAE objects (which it never modifies)."""
 
     def __init__(self, model, clip, vae, rank: int = 16, alpha: float = 16.0, seed: int = 0,
-                 encoders: list[str] | None = None):
+                 encoders: list[str] | None = None, gradient_checkpointing: bool | None = None):
+        """gradient_checkpointing: recompute U-Net blocks in the training pass (None: on unless the model runs on
+        the CPU, where memory is rarely the limit and the extra forward costs time)."""
         self._check_model(model)
         self.vae = vae
         self.device = model.load_device
@@ -130,6 +157,8 @@ class ComfyHost:
 
         self._model = model.clone()
         self._training = False
+        self.gradient_checkpointing = (torch.device(self.device).type != "cpu" if gradient_checkpointing is None
+                                       else bool(gradient_checkpointing))
 
     def _check_encoders(self, encoders: list[str] | None) -> list[str]:
         """The encoders to train (all of the CLIP's by default); naming one the CLIP lacks is an error."""
@@ -224,12 +253,16 @@ class ComfyHost:
             model.pre_run()
             # after loading (U-Net LoRAs are patched in at load): frozen, autograd-usable views of the weights
             aliases = _alias_parameters(real_model.diffusion_model) if self._training else []
-            return {"shape": shape, "model": real_model, "conds": conds, "extra": extra, "aliases": aliases}
+            blocks = (_checkpoint_blocks(real_model.diffusion_model)
+                      if self._training and self.gradient_checkpointing else [])
+            return {"shape": shape, "model": real_model, "conds": conds, "extra": extra, "aliases": aliases,
+                    "blocks": blocks}
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if state.get("shape") != x.shape:
                 if state:
                     _restore_parameters(state["aliases"])
+                    _restore_blocks(state["blocks"])
                 state.update(prepare(x.shape))
             sigma = sigma_from_abar(abar_table[t.to(device)])
             x_k = vp_to_k(x.to(device), sigma)
@@ -243,6 +276,7 @@ class ComfyHost:
         finally:
             if state:
                 _restore_parameters(state["aliases"])
+                _restore_blocks(state["blocks"])
                 model.cleanup()
                 comfy.sampler_helpers.cleanup_models(state["conds"], state["extra"])
 
