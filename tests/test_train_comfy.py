@@ -52,6 +52,18 @@ def randomise_lora(host, std: float = 0.1, seed: int = 1):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def lora_gradient(host, cfg) -> torch.Tensor:
+    """The LoRA's gradient of one micro-batch (4 prompts, fixed advantages, all 3 timesteps), flattened."""
+    randomise_lora(host)
+    tr = loop.Trainer(host, brightness, PROMPTS, cfg)
+    with torch.inference_mode(False):
+        traj = tr.sample(PROMPTS, seed=11)
+        traj.advantages = torch.tensor([1.0, -0.3, 0.7, -1.2])
+        with host.training(), torch.enable_grad():
+            tr.backward_microbatch(traj, torch.arange(4), torch.arange(3).repeat(4, 1), 1.0)
+    return torch.cat([p.grad.flatten() for p in host.trainable_parameters()])
+
+
 def test_one_backward_reaches_only_the_lora():
     host, model, clip, vae = build()
     randomise_lora(host)
@@ -130,14 +142,7 @@ def test_encode_once_gives_the_same_gradient_as_reencoding_every_timestep():
     grads = []
     for once in (True, False):
         host, *_ = build(learnable=True)
-        randomise_lora(host)
-        tr = loop.Trainer(host, brightness, PROMPTS, small_config(encode_once_per_microbatch=once))
-        with torch.inference_mode(False):
-            traj = tr.sample(PROMPTS, seed=11)
-            traj.advantages = torch.tensor([1.0, -0.3, 0.7, -1.2])
-            with host.training(), torch.enable_grad():
-                tr.backward_microbatch(traj, torch.arange(4), torch.arange(3).repeat(4, 1), 1.0)
-        grads.append(torch.cat([p.grad.flatten() for p in host.trainable_parameters()]))
+        grads.append(lora_gradient(host, small_config(encode_once_per_microbatch=once)))
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-6
 
 
@@ -254,14 +259,7 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_leaves_the_unet_as_i
     for checkpointing in (False, True):
         host, model, *_ = build(learnable=True)
         host.gradient_checkpointing = checkpointing
-        randomise_lora(host)
-        tr = loop.Trainer(host, brightness, PROMPTS, small_config())
-        with torch.inference_mode(False):
-            traj = tr.sample(PROMPTS, seed=11)
-            traj.advantages = torch.tensor([1.0, -0.3, 0.7, -1.2])
-            with host.training(), torch.enable_grad():
-                tr.backward_microbatch(traj, torch.arange(4), torch.arange(3).repeat(4, 1), 1.0)
-        grads.append(torch.cat([p.grad.flatten() for p in host.trainable_parameters()]))
+        grads.append(lora_gradient(host, small_config()))
         unet = model.model.diffusion_model
         layers = [layer for stage in [*unet.input_blocks, unet.middle_block, *unet.output_blocks] for layer in stage]
         assert all("forward" not in layer.__dict__ for layer in layers)
