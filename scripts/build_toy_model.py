@@ -94,6 +94,34 @@ def rescale_latent(ae: torch.nn.Module, latents_std: float, latent_factor: float
     return k
 
 
+def pretrain_text_encoder(world, encoder: torch.nn.Module, tokens: torch.Tensor, steps: int, seed: int) -> None:
+    """The text encoder's own objective: linear heads on its pooled output name each attribute's value.
+
+    Like CLIP's contrastive objective it only shapes the pooled vector; the per-token states the U-Net reads are
+    a by-product, which is what leaves the text encoder room to improve for the U-Net (TexForce's premise).
+    """
+    scenes = world.all_scenes()
+    values = [world.COLOURS, world.SHAPES, world.POSITIONS, world.BACKGROUNDS]
+    labels = torch.tensor([[list(v).index(x) for v, x in zip(values, s.values())] for s in scenes])
+    g = torch.Generator().manual_seed(seed)
+    width = encoder(tokens[:1].tolist())[1].shape[-1]
+    heads = torch.nn.ModuleList(torch.nn.Linear(width, len(v)) for v in values)
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
+    for step in range(steps):
+        pick = torch.randint(0, len(scenes), (32,), generator=g)
+        pooled = encoder(tokens[pick].tolist())[1]
+        loss = sum(torch.nn.functional.cross_entropy(h(pooled), labels[pick, i]) for i, h in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            with torch.no_grad():
+                pooled = encoder(tokens.tolist())[1]
+                acc = torch.stack([h(pooled).argmax(1) == labels[:, i] for i, h in enumerate(heads)], 1).float().mean(0)
+            log.info("text encoder %d/%d: loss %.4f, attributes read from the pooled output %s", step, steps,
+                     loss.item(), [round(float(a), 3) for a in acc])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="where to write the checkpoint (default: the pack's)")
@@ -112,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-swap", type=float, default=0.0,
                         help="share of training captions with one attribute word swapped for another value: a "
                              "model whose errors are the text pathway's (words bound loosely to attributes)")
+    parser.add_argument("--text-pretrain", type=int, default=0, metavar="STEPS",
+                        help="train the text encoder first on its own objective (read the four attributes back "
+                             "from its pooled output, as CLIP is trained on its pooled output), then freeze it while "
+                             "the U-Net learns, as Stable Diffusion's CLIP is (0: CLIP and U-Net learn jointly)")
     parser.add_argument("--eval-seeds", type=int, default=4, help="noises per prompt for the final check (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -169,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     neighbours = torch.tensor([[j for j, o in enumerate(scenes) if sum(a != b for a, b in zip(s.values(), o.values())) == 1]
                                for s in scenes])
     tokens = torch.tensor(token_ids)
-    params = list(unet.diffusion_model.parameters()) + list(encoder.parameters())
+    if args.text_pretrain:  # SD's way: the text encoder learns elsewhere first, then stays frozen
+        pretrain_text_encoder(world, encoder, tokens[:-1], args.text_pretrain, args.seed + 4)
+        encoder.requires_grad_(False)
+    params = list(unet.diffusion_model.parameters()) + ([] if args.text_pretrain else list(encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     averaged = [p.detach().clone() for p in params] if args.ema else None
     sigmas = unet.model_sampling.sigmas.float()
@@ -186,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             which[swap] = neighbours[which[swap], torch.randint(0, neighbours.shape[1], (int(swap.sum()),),
                                                                   generator=g)]
         which[torch.rand(len(pick), generator=g) < 0.1] = len(prompts)  # the empty prompt
-        cond = encoder(tokens[which].tolist())[0]
+        with torch.set_grad_enabled(not args.text_pretrain):
+            cond = encoder(tokens[which].tolist())[0]
         t = torch.randint(0, len(sigmas), (len(pick),), generator=g)
         sigma = sigmas[t]
         eps = torch.randn(x0.shape, generator=g)
@@ -221,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"texforce.toy_config": json.dumps(cm.CONFIG), "texforce.toy_seed": str(args.seed),
             "texforce.toy_steps": json.dumps({"vae": args.vae_steps, "unet": args.unet_steps,
                                               "per_scene": args.per_scene, "lr": args.lr,
-                                              "ema": args.ema, "caption_swap": args.caption_swap}),
+                                              "ema": args.ema, "caption_swap": args.caption_swap,
+                                              "text_pretrain": args.text_pretrain}),
             "modelspec.title": "TexForce toy text-to-image model (64×64, SD 1.x architecture)"}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)
