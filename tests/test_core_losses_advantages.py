@@ -140,3 +140,22 @@ def test_with_many_prompts_the_per_prompt_tracker_gives_batch_advantages_and_gro
     for i in range(8):
         block = group[8 * i:8 * i + 8]
         assert abs(float(block.mean())) < 1e-5 and float(block.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_group_mean_keeps_a_solved_prompts_noise_small_where_group_zscores_blow_it_up():
+    """A good pretrained model: prompt a's 8 images are all right (rewards differ by noise, ±0.002), prompt b's
+    include one wrong image (0.7). Group z-scores give a's noise advantages of ±1, as loud as b's real failure;
+    group_mean (one batch-wide scale) keeps a's near 0 and puts the update on b's wrong image."""
+    from texforce_pack.training.advantages import compute_advantages
+
+    solved = torch.tensor([0.981, 0.983, 0.979, 0.982, 0.980, 0.978, 0.984, 0.981])
+    failing = torch.tensor([0.98, 0.98, 0.70, 0.98, 0.98, 0.98, 0.98, 0.98])
+    rewards, prompts = torch.cat([solved, failing]), ["a"] * 8 + ["b"] * 8
+    z = compute_advantages("group", rewards, prompts)
+    assert float(z[:8].abs().max()) > 1.0  # noise amplified to the scale of a real failure
+    m = compute_advantages("group_mean", rewards, prompts)
+    assert float(m[:8].abs().max()) < 0.05 and float(m[10]) < -2.0
+    assert abs(float(m[:8].mean())) < 1e-6 and abs(float(m[8:].mean())) < 1e-6  # each group centred on its mean
+    assert float(m.pow(2).mean()) == pytest.approx(1.0, abs=1e-4)  # one scale for the batch
+    # the reward's units do not matter (an affine change of the reward gives the same advantages)
+    torch.testing.assert_close(m, compute_advantages("group_mean", rewards * 3 + 5, prompts), atol=1e-4, rtol=1e-4)

@@ -1,4 +1,5 @@
-"""Rewards → advantages: per-prompt stat tracking (DDPO), batch z-score (Large-scale RL), group z-score (GRPO).
+"""Rewards → advantages: per-prompt stat tracking (DDPO), batch z-score (Large-scale RL), group z-score (GRPO),
+group mean with one batch-wide scale (Dr. GRPO).
 
 A = (r − μ)/(σ + 1e-6) with the population σ (as DDPO's numpy code). Clipping to ±A_max happens in the
 loss. Non-finite rewards never reach these functions: `finite_mask` drops them first.
@@ -12,7 +13,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ADVANTAGE_MODES = ("per_prompt", "batch", "group")
+ADVANTAGE_MODES = ("per_prompt", "batch", "group", "group_mean")
 _EPS = 1e-6
 
 
@@ -62,6 +63,25 @@ def group_advantages(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         g = r[idx]
         out[idx] = _zscore(g, g.mean(), g.std(unbiased=False))
     return out.float()
+
+
+def group_mean_advantages(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Each prompt's images against their own mean, all divided by one scale: the spread of those differences over
+    the whole batch (Dr. GRPO, Liu et al. 2025, keeps the group baseline and drops the per-group σ).
+
+    Why not the group z-score: a prompt the model already gets right gives images whose rewards differ by noise
+    (0.981 vs 0.984); dividing by that group's tiny σ blows the noise up to advantages of ±1, as large as those of
+    a group where one image got the prompt wrong. When most prompts are mostly right (a good pretrained model),
+    those groups drown the signal and training drifts. Here such a group's advantages stay near 0, and the
+    images that differ in what the reward measures carry the update.
+    """
+    r = rewards.detach().double()
+    centred = torch.empty_like(r)
+    for prompt in dict.fromkeys(prompts):
+        idx = torch.tensor([i for i, p in enumerate(prompts) if p == prompt], dtype=torch.long)
+        centred[idx] = r[idx] - r[idx].mean()
+    scale = centred.pow(2).mean().sqrt()  # the groups' pooled σ: the centred values already have mean 0
+    return (centred / (scale + _EPS)).float()
 
 
 class PerPromptStatTracker:
@@ -128,4 +148,6 @@ def compute_advantages(mode: str, rewards: torch.Tensor, prompts: list[str],
         return batch_advantages(rewards)
     if mode == "group":
         return group_advantages(rewards, prompts)
+    if mode == "group_mean":
+        return group_mean_advantages(rewards, prompts)
     raise ValueError(f"unknown advantage mode {mode!r}; use one of {', '.join(ADVANTAGE_MODES)}")

@@ -70,7 +70,8 @@ class TrainConfig:
     clip_range: float = 1e-4  # PPO ε; tied to log-probs being means over latent elements
     adv_clip_max: float = 5.0  # advantages clipped to ±this in the loss
     kl_weight: float = 0.0  # DPOK β; > 0 costs one extra no-grad encoder + denoiser pass per trained step
-    advantage: str = "per_prompt"  # "per_prompt" (DDPO), "batch" (Large-scale RL), "group" (GRPO-style)
+    advantage: str = "per_prompt"  # "per_prompt" (DDPO), "batch" (Large-scale RL), "group" (GRPO-style),
+    # "group_mean" (group baseline, one batch-wide scale: Dr. GRPO)
     stat_buffer_size: int = 32  # per-prompt tracker: rewards kept per prompt
     stat_min_count: int = 16  # per-prompt tracker: below this many, use the batch's statistics
 
@@ -241,8 +242,8 @@ def validate(cfg: TrainConfig, schedule_length: int = 1000) -> list[str]:
                           f"= {cfg.train_batch_size} × {cfg.gradient_accumulation_steps} = {per_step} (the images "
                           f"of one optimizer step); use {_nearest_multiple(n, per_step)} images per epoch or change "
                           "the accumulation")
-        if cfg.advantage == "group" and cfg.images_per_prompt < 2:
-            errors.append("advantage 'group' compares the images of one prompt: set images_per_prompt ≥ 2 "
+        if cfg.advantage in ("group", "group_mean") and cfg.images_per_prompt < 2:
+            errors.append(f"advantage {cfg.advantage!r} compares the images of one prompt: set images_per_prompt ≥ 2 "
                           "(4 or more is better), or use advantage 'batch'")
         if cfg.advantage == "per_prompt" and cfg.stat_min_count > cfg.stat_buffer_size:
             errors.append(f"stat_min_count = {cfg.stat_min_count} is larger than stat_buffer_size = "
