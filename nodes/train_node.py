@@ -20,6 +20,7 @@ from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora
 from ..training.lora.family import family_of_comfy_config, native_size
 from ..training.loop import TrainingCancelled
+from ..training.memory_plan import check_fits, plan_memory
 from ..training.run import RunFiles, TrainingRun
 from . import progress
 from .lora_apply import ClipLayout, clip_patches, match_to_clip
@@ -32,6 +33,8 @@ LORA_SUBFOLDER = "texforce"
 EVENT = "texforce.progress"
 # text_encoders setting -> the encoders ComfyHost trains (None: every CLIP text encoder of the model)
 ENCODER_CHOICES = {"all": None, "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
+# gradient_checkpointing setting -> ComfyHost's (None: on unless the model runs on the CPU)
+CHECKPOINTING_CHOICES = {"auto": None, "on": True, "off": False}
 # optimizer steps per epoch when the node's optimizer_steps is 0 (auto)
 NODE_OPTIMIZER_STEPS = {"fast": 4}
 
@@ -106,6 +109,15 @@ def node_config(*, preset: str, epochs: int, images_per_epoch: int, images_per_p
     if advantage != "preset":
         overrides["advantage"] = advantage
     return make_config(preset, **overrides)
+
+
+def check_memory(host: ComfyHost, cfg: TrainConfig) -> None:
+    """Before the first epoch: the run's estimated peak memory (training/memory_plan.py) against what ComfyUI
+    reports free on the model's device; refuses, saying what to lower, when it cannot fit."""
+    plan = plan_memory(host.memory_inputs(cfg))
+    available, device = host.available_memory()
+    log.info("TexForce memory plan on %s (%.2f GiB available): %s", device, available / 2**30, plan.describe())
+    check_fits(plan, available, device)
 
 
 def _prompt_list(text: str) -> list[str]:
@@ -188,6 +200,13 @@ class TexForceTrain(io.ComfyNode):
                                      "split into this many gradient-accumulation groups. 0 = the preset's (2; "
                                      "fast: 4). More steps learn faster per sample, with noisier steps; it must "
                                      "divide images_per_epoch / batch_size."),
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_CHOICES), default="auto",
+                               optional=True,
+                               tooltip="Recompute the U-Net's layers during backward instead of keeping their "
+                                       "activations: much less memory for the training pass, about one more "
+                                       "U-Net forward of time; the same gradient. auto = on on a GPU, off on the "
+                                       "CPU. Before the first epoch the run's memory is estimated and a run that "
+                                       "cannot fit is refused, saying what to lower."),
             ],
             outputs=[
                 io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied."),
@@ -202,10 +221,14 @@ class TexForceTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, reward, prompts: str, preset: str, epochs: int, images_per_epoch: int,
                 images_per_prompt: int, batch_size: int, width: int, height: int, steps: int, guidance: float,
                 eta: float, learning_rate: float, lora_rank: int, kl_weight: float, advantage: str, seed: int,
-                lora_name: str, resume: bool, text_encoders: str = "all", optimizer_steps: int = 0) -> io.NodeOutput:
+                lora_name: str, resume: bool, text_encoders: str = "all", optimizer_steps: int = 0,
+                gradient_checkpointing: str = "auto") -> io.NodeOutput:
         prompt_list = _prompt_list(prompts)
         if text_encoders not in ENCODER_CHOICES:
             raise ConfigError(f"text_encoders must be one of {', '.join(ENCODER_CHOICES)}, got {text_encoders!r}")
+        if gradient_checkpointing not in CHECKPOINTING_CHOICES:
+            raise ConfigError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING_CHOICES)}, got "
+                              f"{gradient_checkpointing!r}")
         cfg = node_config(preset=preset, epochs=epochs, images_per_epoch=images_per_epoch,
                           images_per_prompt=images_per_prompt, batch_size=batch_size, width=width, height=height,
                           steps=steps, guidance=guidance, eta=eta, learning_rate=learning_rate, lora_rank=lora_rank,
@@ -219,7 +242,8 @@ class TexForceTrain(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         with torch.inference_mode(False):
             host = ComfyHost(model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed,
-                             encoders=ENCODER_CHOICES[text_encoders])
+                             encoders=ENCODER_CHOICES[text_encoders],
+                             gradient_checkpointing=CHECKPOINTING_CHOICES[gradient_checkpointing])
             pbar = comfy.utils.ProgressBar(epochs)
 
             def on_epoch(stats) -> None:
@@ -228,6 +252,7 @@ class TexForceTrain(io.ComfyNode):
 
             job = TrainingRun(host, reward, prompt_list, cfg, files, name=lora_name, resume=resume,
                               should_stop=mm.processing_interrupted, on_epoch=on_epoch)  # validates the settings
+            check_memory(host, cfg)
             t0 = time.time()
             try:
                 history = job.run(epochs)

@@ -23,6 +23,8 @@ import torch
 import torch.utils.checkpoint
 
 import comfy.clip_model
+import comfy.ldm.modules.attention
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
@@ -34,6 +36,10 @@ from ..lora.family import (ENCODER_LABELS, FAMILIES, attention_path, comfy_encod
                            slot_for_encoder)
 from ..lora.keys import parse_state_dict
 from ..lora.trainable import TrainableLora
+from ..memory_plan import PlanInputs, TextEncoderSpec, UNetSpec
+
+# ComfyUI attention functions that keep O(tokens) for backward (the others keep softmax maps; memory_plan.py)
+EFFICIENT_ATTENTION = ("attention_pytorch", "attention_xformers", "attention_flash", "attention_sage")
 
 
 def _detached(w: torch.Tensor) -> torch.Tensor:
@@ -195,6 +201,42 @@ class ComfyHost:
                 "conditioning: connect the CLIP and MODEL of the same checkpoint.")
         self._context_checked = True
 
+    # -- memory plan (training/memory_plan.py): what the estimate needs from ComfyUI's objects ------------
+    def memory_inputs(self, cfg) -> PlanInputs:
+        """The model's shape, dtypes, weight sizes and ComfyUI's attention choice, with the run's settings."""
+        base = self._model.model
+        weight_dtype = base.get_dtype()
+        compute = base.manual_cast_dtype or weight_dtype
+        config = base.model_config.unet_config
+        attention = comfy.ldm.modules.attention.optimized_attention.__name__
+        precision = comfy.ldm.modules.attention.get_attn_precision(config.get("attn_precision"), compute)
+        clip_params = list(self.clip.cond_stage_model.parameters())
+        clip_dtype = clip_params[0].dtype if clip_params else torch.float32
+        low_vram = comfy.model_management.vram_state in (comfy.model_management.VRAMState.LOW_VRAM,
+                                                         comfy.model_management.VRAMState.NO_VRAM)
+        return PlanInputs(
+            unet=UNetSpec.from_config(config), encoders=tuple(_encoder_specs(self.clip.cond_stage_model)),
+            latent=self.latent_shape(cfg.height, cfg.width), sample_batch=cfg.sample_batch_size,
+            train_batch=cfg.train_batch_size, guidance=not math.isclose(cfg.guidance, 1.0),
+            images_per_epoch=cfg.images_per_epoch, steps=cfg.num_steps, act_bytes=compute.itemsize,
+            unet_weight_bytes=self._model.model_size(),
+            unet_parameters=sum(p.numel() for p in base.diffusion_model.parameters()),
+            clip_weight_bytes=self.clip.patcher.model_size(), clip_act_bytes=clip_dtype.itemsize,
+            attention="efficient" if attention in EFFICIENT_ATTENTION else "quadratic",
+            upcast_attention=precision == torch.float32 and compute != torch.float32,
+            weights_cast=compute != weight_dtype,
+            lora_parameters=sum(p.numel() for p in self.lora.parameters()),
+            lora_target_elements=sum(up.shape[0] * down.shape[1] for up, down in zip(self.lora.up, self.lora.down)),
+            checkpointing=self.gradient_checkpointing, count_weights=not low_vram)
+
+    def available_memory(self) -> tuple[float, str]:
+        """(bytes, device name): what ComfyUI reports free on the model's device, plus what the models it has
+        loaded there hold (it unloads them to load ours; ours are counted in the plan's weights)."""
+        device = torch.device(self.device)
+        loaded = sum(m.model_loaded_memory() for m in comfy.model_management.current_loaded_models
+                     if torch.device(m.device) == device)
+        return float(comfy.model_management.get_free_memory(device)) + loaded, str(device)
+
     # -- Host interface -------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         fmt = self._model.model.latent_format
@@ -312,6 +354,19 @@ def encode_batch(clip, prompts: list[str]) -> Cond:
     if all(x is not None for x in pooled):
         out["pooled"] = torch.cat(pooled).float()
     return out
+
+
+def _encoder_specs(module: torch.nn.Module) -> list[TextEncoderSpec]:
+    """The shape of every CLIP text transformer in a ComfyUI CLIP model (SDXL: CLIP-L and CLIP-G)."""
+    specs = []
+    for m in module.modules():
+        if isinstance(m, comfy.clip_model.CLIPEncoder) and len(m.layers):
+            layer = m.layers[0]
+            act = next((k for k, f in comfy.clip_model.ACTIVATIONS.items() if f is layer.mlp.activation), "gelu")
+            specs.append(TextEncoderSpec(width=layer.self_attn.q_proj.in_features, layers=len(m.layers),
+                                         heads=layer.self_attn.heads, intermediate=layer.mlp.fc1.out_features,
+                                         activation=act))
+    return specs
 
 
 def _context_dim(model) -> int | None:

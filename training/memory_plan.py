@@ -1,0 +1,410 @@
+"""How much device memory a run needs, estimated before the first epoch from the model's shape.
+
+An analytic count, layer by layer, of what PyTorch holds for a U-Net of ComfyUI's UNetModel layout
+(comfy/ldm/modules/diffusionmodules/openaimodel.py: ResBlocks, SpatialTransformers of BasicTransformerBlocks with
+GEGLU feed-forwards, Down/Upsample, skip concatenations), given its config (ComfyUI's `unet_config`):
+
+- a sampling step: no gradient; the weights, the skip tensors the U-Net keeps for its output blocks, and the
+  working set of the largest layer. Classifier-free guidance sends cond and uncond through as one batch, 2×.
+- a training micro-batch: forward + backward through the U-Net to reach the conditioning (2× batch with
+  guidance), the text encoders' activations (kept until their single backward at the micro-batch's end), the
+  LoRA'd weight copies, LoRA + AdamW state. Without gradient checkpointing every tensor that autograd saves for
+  backward is counted; with it (one checkpoint per U-Net layer, training/hosts/comfy.py) only each layer's input,
+  plus one layer recomputed during backward.
+- both: the epoch's stored trajectories (images_per_epoch × (steps+1) fp32 latents, kept on the device).
+
+Attention: "efficient" (PyTorch SDPA flash/memory-efficient kernels, xformers, flash-attn, sage: what ComfyUI
+uses on NVIDIA/AMD/Intel GPUs) keeps O(tokens) per head for backward; "quadratic" (ComfyUI's sub-quadratic or
+split attention, its CPU default, or --use-split/quad-cross-attention) keeps each head's softmax map,
+batch·heads·tokens², for backward. Without gradient ComfyUI slices the quadratic kinds to fit free memory, so
+sampling counts no maps. Not counted: the VAE and the reward models (ComfyUI loads and evicts them around
+decoding), the CUDA context, allocator fragmentation.
+
+The counts are per-element of what autograd saves, checked against a measurement on a tiny model
+(tests/test_memory_plan.py); nothing here imports ComfyUI (the host reads the model: training/hosts/comfy.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .config import ConfigError
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """The fields of ComfyUI's unet_config that set activation sizes and parameter counts."""
+
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: tuple[int, ...]
+    transformer_depth: tuple[int, ...]  # per input ResBlock
+    transformer_depth_middle: int
+    transformer_depth_output: tuple[int, ...]  # per output block (read from the end, as UNetModel pops them)
+    context_dim: int
+    num_heads: int = -1
+    num_head_channels: int = -1
+    use_linear_in_transformer: bool = False
+    in_channels: int = 4
+    out_channels: int = 4
+    adm_in_channels: int | None = None
+    legacy: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> "UNetSpec":
+        levels = len(config["channel_mult"])
+        nrb = config["num_res_blocks"]
+        nrb = tuple([nrb] * levels if isinstance(nrb, int) else nrb)
+        depth = config.get("transformer_depth", 1)
+        depth = tuple([depth] * sum(nrb) if isinstance(depth, int) else depth)
+        out_depth = config.get("transformer_depth_output")
+        if out_depth is None:
+            out_depth = tuple(d for level in range(levels) for d in [depth[sum(nrb[:level])]] * (nrb[level] + 1))
+        middle = config.get("transformer_depth_middle")
+        context = config.get("context_dim")
+        if isinstance(context, (list, tuple)):
+            context = context[0]
+        return cls(model_channels=int(config["model_channels"]), channel_mult=tuple(config["channel_mult"]),
+                   num_res_blocks=nrb, transformer_depth=depth,
+                   transformer_depth_middle=depth[-1] if middle is None else int(middle),
+                   transformer_depth_output=tuple(out_depth), context_dim=int(context or 0),
+                   num_heads=int(config.get("num_heads", -1)),
+                   num_head_channels=int(config.get("num_head_channels", -1)),
+                   use_linear_in_transformer=bool(config.get("use_linear_in_transformer", False)),
+                   in_channels=int(config.get("in_channels", 4)), out_channels=int(config.get("out_channels", 4)),
+                   adm_in_channels=config.get("adm_in_channels"), legacy=bool(config.get("legacy", False)))
+
+    def heads(self, ch: int) -> tuple[int, int]:
+        """(heads, head width) of a transformer at ch channels, as UNetModel picks them."""
+        if self.num_head_channels == -1:
+            return self.num_heads, ch // self.num_heads
+        return ch // self.num_head_channels, self.num_head_channels
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One CLIP text transformer (ComfyUI's comfy.clip_model.CLIPTextModel_)."""
+
+    width: int
+    layers: int
+    heads: int
+    intermediate: int
+    activation: str = "quick_gelu"
+    tokens: int = 77
+
+
+@dataclass
+class Layer:
+    """One U-Net layer's memory, in bytes per sample at the layer's resolution.
+
+    What autograd saves depends on what needs a gradient: the U-Net's weights are frozen, so only tensors
+    downstream of the conditioning carry gradients; the layers before the first cross-attention keep nothing.
+    Linear layers with frozen weights keep no input; convolutions, norms, SiLU/GELU, products and attention do.
+    """
+
+    name: str
+    kept: float  # saved for backward, created inside the layer (its output excluded)
+    output: float  # the layer's output
+    output_saved: bool  # the next layer saves the output (False before a skip concatenation, or without grad)
+    input: float  # what a checkpointed layer keeps: its input (torch's checkpoint keeps it, gradient or not)
+    transient: float  # the working set of a no-grad forward (input and output included)
+    largest: float  # its largest single saved tensor (the size of the gradient buffers in its backward)
+    params: int = 0
+    skip: bool = False  # an input block's output, kept until its output block
+
+
+def _attention(tokens: int, keys: int, heads: int, width: int, a: int, attention: str, upcast: bool,
+               queries: bool = True) -> tuple[float, float]:
+    """(bytes one attention keeps for backward, its largest tensor) per sample: q (when `queries`: k/v need it),
+    k and v, and the softmax map (quadratic) or the output and logsumexp (efficient kernels)."""
+    qkv = (tokens * width if queries else 0) + 2 * keys * width
+    if attention == "efficient":
+        return (qkv + tokens * width) * a + heads * tokens * 4, tokens * width * a
+    map_bytes = 4 if upcast else a  # the softmax map (fp32 when the attention upcasts), + its cast for the product
+    maps = heads * tokens * keys * (map_bytes + (a if upcast else 0))
+    upcast_copies = (tokens + keys) * width * 4 if upcast else 0  # q and k in fp32
+    return qkv * a + maps + upcast_copies, heads * tokens * keys * map_bytes
+
+
+def unet_layers(spec: UNetSpec, height: int, width: int, context_tokens: int, act_bytes: int,
+                attention: str = "efficient", upcast: bool = False) -> list[Layer]:
+    """Every layer UNetModel runs, in order, for a latent of height × width (per sample, bytes), as the training
+    pass sees it: gradients with respect to the conditioning only."""
+    a, mc = act_bytes, spec.model_channels
+    emb = 4 * mc
+    L, ctx = context_tokens, spec.context_dim
+    layers: list[Layer] = []
+    grad = False  # does the current hidden state carry a gradient (is it downstream of a cross-attention)?
+
+    def add(name: str, kept: float, output: float, transient: float, largest: float, params: int,
+            skip: bool = False, input: float = 0.0) -> None:
+        layers.append(Layer(name, kept if grad else 0.0, output, grad, input, transient,
+                            largest if grad else 0.0, params, skip))
+
+    def resblock(name: str, ci: int, co: int, n: int, cat: bool = False) -> None:
+        # GroupNorm out, SiLU out (the conv keeps its input); h + emb, GroupNorm out, SiLU out; a concatenated
+        # input is new (the GroupNorm keeps it)
+        kept = n * a * (2 * ci + 3 * co + (ci if cat else 0))
+        params = 2 * ci + 9 * ci * co + co + emb * co + co + 2 * co + 9 * co * co + co + (ci * co + co if ci != co else 0)
+        if cat and layers:
+            layers[-1].output_saved = False  # the concatenation copies it; nothing keeps the original
+        add(name, kept, n * co * a, n * a * (ci + 2 * max(ci, co) + 2 * co + (ci if cat else 0)),
+            n * a * max(ci, co), params, input=n * ci * a)
+
+    def transformer(name: str, c: int, depth: int, n: int) -> None:
+        nonlocal grad
+        heads, dh = spec.heads(c)
+        d = heads * dh
+        lin = spec.use_linear_in_transformer
+        params = 2 * c + c * d + d + depth * (4 * d * d + d + 2 * d * d + 2 * ctx * d + d
+                                              + d * 8 * d + 8 * d + 4 * d * d + d + 6 * d) + d * c + c
+        first = not grad  # the first cross-attention: what comes before it carries no gradient
+        kept = 0.0 if first else n * a * ((0 if lin else c) + d)  # GroupNorm out (conv proj_in), token-major x
+        largest = n * a * 8 * d
+        for block in range(depth):
+            if not (first and block == 0):  # self-attention: q k v (+ map), its residual (norm2's input)
+                extra, big = _attention(n, n, heads, d, a, attention, upcast)
+                kept += extra + n * d * a
+                largest = max(largest, big)
+            extra, big = _attention(n, L, heads, d, a, attention, upcast)  # cross-attention
+            # its residual (norm3's input), the GEGLU projection (8d: gelu and the product keep its halves),
+            # gelu's output (4d), and the block's output when another block follows (norm1's input)
+            kept += extra + n * a * (d + 8 * d + 4 * d + (d if block < depth - 1 else 0))
+            largest = max(largest, big)
+        kept += 0 if lin else n * d * a  # the image-major copy that the conv proj_out keeps
+        grad = True
+        transient = n * a * (c + c + 17 * d)  # input, GroupNorm out, the feed-forward's working set
+        layers.append(Layer(name, kept, n * c * a, True, n * c * a, transient, largest, params))
+
+    h, w = height, width
+    n = h * w
+    add("conv_in", 0.0, n * mc * a, n * a * (spec.in_channels + mc), 0.0, spec.in_channels * mc * 9 + mc, skip=True,
+        input=n * spec.in_channels * a)
+    chans, ch = [mc], mc
+    depth = list(spec.transformer_depth)
+    for level, mult in enumerate(spec.channel_mult):
+        for i in range(spec.num_res_blocks[level]):
+            co = mult * mc
+            resblock(f"in{level}.{i}.res", ch, co, n)
+            ch = co
+            dep = depth.pop(0)
+            if dep > 0:
+                transformer(f"in{level}.{i}.attn", ch, dep, n)
+            layers[-1].skip = True
+            chans.append(ch)
+        if level != len(spec.channel_mult) - 1:
+            n_in = n
+            h, w = (h + 1) // 2, (w + 1) // 2
+            n = h * w
+            add(f"in{level}.down", 0.0, n * ch * a, n * ch * a + n_in * ch * a, n * ch * a, 9 * ch * ch + ch,
+                skip=True, input=n_in * ch * a)
+            chans.append(ch)
+    resblock("mid.res0", ch, ch, n)
+    if spec.transformer_depth_middle >= 0:
+        transformer("mid.attn", ch, spec.transformer_depth_middle, n)
+        resblock("mid.res1", ch, ch, n)
+    out_depth = list(spec.transformer_depth_output)
+    sizes = []  # the resolution of each level
+    hh, ww = height, width
+    for _ in spec.channel_mult:
+        sizes.append((hh, ww))
+        hh, ww = (hh + 1) // 2, (ww + 1) // 2
+    for level, mult in list(enumerate(spec.channel_mult))[::-1]:
+        h, w = sizes[level]
+        n = h * w
+        for i in range(spec.num_res_blocks[level] + 1):
+            skip_ch = chans.pop()
+            co = mc * mult
+            resblock(f"out{level}.{i}.res", ch + skip_ch, co, n, cat=True)
+            ch = co
+            dep = out_depth.pop()
+            if dep > 0:
+                transformer(f"out{level}.{i}.attn", ch, dep, n)
+            if level and i == spec.num_res_blocks[level]:
+                up_h, up_w = sizes[level - 1]
+                n_up = up_h * up_w
+                # nearest upsampling (keeps nothing) then a conv that keeps the upsampled input
+                add(f"out{level}.up", n_up * ch * a, n_up * ch * a, 2 * n_up * ch * a + n * ch * a, n_up * ch * a,
+                    9 * ch * ch + ch, input=n * ch * a)
+    n = height * width
+    # GroupNorm (keeps the last block's output), SiLU out, conv (keeps its input); not checkpointed
+    add("out", 2 * n * mc * a, n * spec.out_channels * a, n * a * (mc * 2 + spec.out_channels), n * mc * a,
+        2 * mc + 9 * mc * spec.out_channels + spec.out_channels)
+    layers[-1].output_saved = False
+    return layers
+
+
+def unet_parameters(spec: UNetSpec) -> int:
+    """The U-Net's parameter count from its config (a check that unet_layers walks the real architecture)."""
+    mc = spec.model_channels
+    emb = 4 * mc
+    time = mc * emb + emb + emb * emb + emb
+    label = (spec.adm_in_channels * emb + emb + emb * emb + emb) if spec.adm_in_channels else 0
+    return time + label + sum(layer.params for layer in unet_layers(spec, 8, 8, 1, 1))
+
+
+def text_encoder_kept(enc: TextEncoderSpec, rows: int, act_bytes: int, attention: str) -> float:
+    """Bytes a text encoder keeps for backward for `rows` prompts (every layer: the pooled output reads the last)."""
+    t, d, i = enc.tokens, enc.width, enc.intermediate
+    act = 3 * i if enc.activation == "quick_gelu" else 2 * i  # fc1 out, (sigmoid out), activation out
+    per_layer = t * act_bytes * (9 * d + act)
+    per_layer += enc.heads * t * (4 if attention == "efficient" else t * act_bytes)
+    return rows * (enc.layers * per_layer + 2 * t * d * act_bytes)
+
+
+def saved_kept(layers: list[Layer]) -> float:
+    """Bytes per sample that a training forward keeps for backward (no checkpointing)."""
+    return sum(layer.kept + (layer.output if layer.output_saved else 0.0) for layer in layers)
+
+
+def checkpointed_kept(layers: list[Layer], recompute: bool = True) -> float:
+    """The same with one checkpoint per layer (the output head excepted): each layer keeps its input; backward
+    recomputes one layer at a time, holding its activations meanwhile (`recompute`)."""
+    *body, head = layers
+    inputs = sum(layer.input for layer in body) + body[-1].output + head.kept  # the head keeps its input
+    return inputs + (max(layer.kept + layer.output for layer in body) if recompute else 0.0)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the estimate reads: the model's shape and precision (from the host), the run's settings."""
+
+    unet: UNetSpec
+    encoders: tuple[TextEncoderSpec, ...]
+    latent: tuple[int, int, int]  # (C, h, w)
+    sample_batch: int
+    train_batch: int
+    guidance: bool  # classifier-free guidance: cond and uncond in one 2× batch
+    images_per_epoch: int
+    steps: int
+    act_bytes: int  # the U-Net's compute dtype (2: fp16/bf16, 4: fp32)
+    unet_weight_bytes: int
+    unet_parameters: int
+    clip_weight_bytes: int
+    clip_act_bytes: int = 2
+    attention: str = "efficient"  # or "quadratic"
+    upcast_attention: bool = False
+    weights_cast: bool = False  # weights stored in another dtype than computed (ComfyUI manual cast): per-op copies
+    lora_parameters: int = 0
+    lora_target_elements: int = 0  # the LoRA'd weights, copied per forward as W + ΔW
+    checkpointing: bool = False
+    context_tokens: int = 77
+    count_weights: bool = True  # False under ComfyUI's --lowvram / --novram, which stream the weights
+
+    def unet_batch(self, batch: int) -> int:
+        return batch * (2 if self.guidance else 1)
+
+
+@dataclass
+class MemoryPlan:
+    """Peak bytes of a sampling step and of a training micro-batch, with the parts they add up from."""
+
+    inputs: PlanInputs
+    sampling: dict[str, float] = field(default_factory=dict)
+    training: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sampling_peak(self) -> float:
+        return sum(self.sampling.values())
+
+    @property
+    def training_peak(self) -> float:
+        return sum(self.training.values())
+
+    @property
+    def peak(self) -> float:
+        return max(self.sampling_peak, self.training_peak)
+
+    def describe(self) -> str:
+        def parts(d: dict[str, float]) -> str:
+            return ", ".join(f"{k} {v / GIB:.2f}" for k, v in d.items() if v >= 0.005 * GIB)
+        return (f"sampling {self.sampling_peak / GIB:.2f} GiB ({parts(self.sampling)}); training "
+                f"{self.training_peak / GIB:.2f} GiB ({parts(self.training)})")
+
+
+def plan_memory(p: PlanInputs) -> MemoryPlan:
+    c, h, w = p.latent
+    layers = unet_layers(p.unet, h, w, p.context_tokens, p.act_bytes, p.attention, p.upcast_attention)
+    weights = (p.unet_weight_bytes + p.clip_weight_bytes) if p.count_weights else 0
+    trajectory = p.images_per_epoch * (p.steps + 1) * c * h * w * 4
+    plan = MemoryPlan(p)
+
+    # sampling: walk the layers, holding the skips, at each layer its working set
+    alive, peak = 0.0, 0.0
+    skips = [layer for layer in layers if layer.skip]
+    consumed = 0
+    for layer in layers:
+        if layer.name.startswith("out") and layer.name.endswith(".res"):
+            consumed += 1
+            alive -= skips[-consumed].output
+        peak = max(peak, alive + layer.transient)
+        if layer.skip:
+            alive += layer.output
+    b_sample = p.unet_batch(p.sample_batch)
+    plan.sampling = {"weights": weights, "U-Net working set": b_sample * peak, "trajectories": trajectory}
+
+    b_train = p.unet_batch(p.train_batch)
+    largest = max(layer.largest for layer in layers)
+    if p.checkpointing:
+        kept = checkpointed_kept(layers)
+        cast_params = max(layer.params for layer in layers)  # one layer's weight copies at a time
+    else:
+        kept = saved_kept(layers)
+        cast_params = p.unet_parameters
+    unet = b_train * (kept + 2 * largest)  # + the gradient buffers of the largest tensor's backward
+    rows = p.train_batch + 1  # the micro-batch's prompts (at most) and the negative prompt
+    plan.training = {
+        "weights": weights,
+        "U-Net activations": unet,
+        "U-Net weight copies": cast_params * p.act_bytes if p.weights_cast else 0.0,
+        "text encoders": sum(text_encoder_kept(e, rows, p.clip_act_bytes, p.attention) for e in p.encoders)
+        + p.lora_target_elements * p.clip_act_bytes,
+        "LoRA + AdamW": p.lora_parameters * 4 * 4,
+        "trajectories": trajectory,
+    }
+    return plan
+
+
+class MemoryPlanError(ConfigError):
+    """The run's settings need more memory than the device has; the message says what to lower."""
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.1f} GiB"
+
+
+def check_fits(plan: MemoryPlan, available: float, device: str, *, batch_label: str = "batch_size",
+               size_label: str = "width/height", checkpointing_label: str = "gradient_checkpointing") -> None:
+    """Raise MemoryPlanError when the plan's peak exceeds `available` bytes on `device` (what the device has free,
+    plus what the model manager could unload). On the CPU the weights are already in RAM: only the rest has to fit
+    into the available RAM, and nothing else is refused. The message gives the estimate, what is free, and the
+    estimate of each way to lower it."""
+    p = plan.inputs
+    cpu = device.startswith("cpu")
+    resident = plan.training["weights"] if cpu else 0.0  # weights already in RAM on the CPU
+    need = plan.peak - resident
+    if need <= available:
+        return
+    phase = "a training micro-batch" if plan.training_peak >= plan.sampling_peak else "a sampling step"
+    worst = plan.training if plan.training_peak >= plan.sampling_peak else plan.sampling
+    parts = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(worst.items(), key=lambda kv: -kv[1]) if v >= 0.05 * GIB)
+    options = []
+    batch = max(p.sample_batch, p.train_batch)
+    if batch > 1:
+        smaller = max(1, batch // 2)
+        q = dataclasses.replace(p, sample_batch=min(p.sample_batch, smaller), train_batch=min(p.train_batch, smaller))
+        options.append(f"{batch_label} {batch} → {smaller}: {_gib(plan_memory(q).peak - resident)}")
+    c, h, w = p.latent
+    if h * w > 16:
+        q = dataclasses.replace(p, latent=(c, max(1, h * 3 // 4), max(1, w * 3 // 4)))
+        options.append(f"{size_label} ×3/4: {_gib(plan_memory(q).peak - resident)}")
+    if not p.checkpointing:
+        q = dataclasses.replace(p, checkpointing=True)
+        options.append(f"{checkpointing_label} on: {_gib(plan_memory(q).peak - resident)}")
+    where = "RAM" if cpu else "memory"
+    raise MemoryPlanError(
+        f"This run does not fit in {device} {where}: {phase} needs about {_gib(need)} ({parts}), and "
+        f"{_gib(available)} is available. Lower what costs most; estimates: " + "; ".join(options) + ". "
+        "(An analytic estimate of the weights and the activations kept for backward; see training/memory_plan.py.)")
