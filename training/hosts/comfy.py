@@ -210,8 +210,6 @@ class ComfyHost:
         config = base.model_config.unet_config
         attention = comfy.ldm.modules.attention.optimized_attention.__name__
         precision = comfy.ldm.modules.attention.get_attn_precision(config.get("attn_precision"), compute)
-        clip_params = list(self.clip.cond_stage_model.parameters())
-        clip_dtype = clip_params[0].dtype if clip_params else torch.float32
         low_vram = comfy.model_management.vram_state in (comfy.model_management.VRAMState.LOW_VRAM,
                                                          comfy.model_management.VRAMState.NO_VRAM)
         return PlanInputs(
@@ -221,7 +219,8 @@ class ComfyHost:
             images_per_epoch=cfg.images_per_epoch, steps=cfg.num_steps, act_bytes=compute.itemsize,
             unet_weight_bytes=self._model.model_size(),
             unet_parameters=sum(p.numel() for p in base.diffusion_model.parameters()),
-            clip_weight_bytes=self.clip.patcher.model_size(), clip_act_bytes=clip_dtype.itemsize,
+            # ComfyUI's CLIP text models compute in fp32 whatever their weights' dtype (manual_cast ops)
+            clip_weight_bytes=self.clip.patcher.model_size(), clip_act_bytes=4,
             attention="efficient" if attention in EFFICIENT_ATTENTION else "quadratic",
             upcast_attention=precision == torch.float32 and compute != torch.float32,
             weights_cast=compute != weight_dtype,
