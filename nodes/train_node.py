@@ -15,6 +15,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..training.advantages import ADVANTAGE_MODES
 from ..training.config import PRESETS, ConfigError, TrainConfig, make_config
 from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora
@@ -179,9 +180,11 @@ class TexForceTrain(io.ComfyNode):
                 io.Float.Input("kl_weight", default=-1.0, min=-1.0, max=10.0, step=0.001,
                                tooltip="DPOK's β (KL to the model without the LoRA); -1 = the preset's value. "
                                        "Costs one extra no-grad pass per trained step when > 0."),
-                io.Combo.Input("advantage", options=["preset", "per_prompt", "batch", "group"], default="preset",
+                io.Combo.Input("advantage", options=["preset", *ADVANTAGE_MODES], default="preset",
                                tooltip="How rewards become advantages: per-prompt running statistics (DDPO), the "
-                                       "whole batch (large-scale RL), or the images of each prompt (GRPO)."),
+                                       "whole batch (large-scale RL), the images of each prompt (GRPO), or each "
+                                       "prompt's mean with one scale for the batch (group_mean, Dr. GRPO: a prompt "
+                                       "the model already gets right adds little noise)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seeds the LoRA init, prompts, noise and timestep choice: same seed, same run."),
                 io.String.Input("lora_name", default="texforce_run",
