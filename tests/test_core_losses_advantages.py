@@ -122,7 +122,7 @@ def test_non_finite_rewards_are_dropped_with_a_warning_and_all_bad_is_an_error(c
 
 
 def test_with_many_prompts_the_per_prompt_tracker_gives_batch_advantages_and_group_removes_prompt_difficulty():
-    """Why the `fast` preset uses group advantages: 72 prompts, 8 per epoch, 8 images each. For the first epochs
+    """Why the `fast` preset uses a group baseline: 72 prompts, 8 per epoch, 8 images each. For the first epochs
     no prompt reaches min_count, so DDPO's tracker falls back to the batch's statistics and a hard prompt's images
     all get negative advantages whatever they show (pure noise for the gradient: E[∇log p] = 0). Group z-scores
     compare each image with its own prompt's."""
