@@ -1,7 +1,7 @@
 """RL on the text encoder of a real pretrained model: the embedded toy checkpoint.
 
 The shipped model follows its prompts well but not perfectly; TexForce Train with the `fast` preset, through a
-real ComfyUI server, raises its alignment on prompt combinations it never trained on, measured paired (same
+real ComfyUI server, does not make it worse on prompt combinations it never trained on, measured paired (same
 noise, CLIP before and after) by TexForce Compare. About 13 minutes on 2 CPU cores.
 """
 from __future__ import annotations
@@ -39,11 +39,14 @@ def test_the_shipped_toy_model_is_good_but_not_perfect(toy):
     assert float(world.alignment(clean, prompts).mean()) > float(soft.mean()) + 0.02  # room above the model
 
 
-def test_train_through_the_server_raises_held_out_alignment(server):
+def test_train_through_the_server_leaves_a_strong_model_no_worse_on_held_out_prompts(server):
     """make demo's workflow as it ships (toy checkpoint → TexForce Train, `fast` preset, 40 epochs × 64 images on
-    the 72 training prompts → TexForce Compare on the 24 held-out prompts × 32 noises), seed 0, in a real ComfyUI:
-    held-out alignment rises by several paired standard errors (measured through `scripts/demo.py --seed 0`:
-    +0.0027 ± 0.0008, +3.3 SE). The LoRA, grid and reward curve are written where the demo says."""
+    the 72 training prompts → TexForce Compare on the 24 held-out prompts × 32 noises), seed 0, in a real ComfyUI.
+
+    What this pins is the step-size fix, not learning: the earlier `fast` (group z-scores, lr 1e-2) cut the toy's
+    held-out alignment by 9.6 paired standard errors; the shipped one must not lower it. Measured through
+    `scripts/demo.py --seed 0/1/2`: +3.3, −0.3, +0.6 standard errors, so a rise is not yet reliable (README, "What
+    training does to a pretrained model"). The LoRA, grid and reward curve are written where the demo says."""
     import importlib.util
 
     from conftest import REPO
@@ -55,7 +58,7 @@ def test_train_through_the_server_raises_held_out_alignment(server):
     assert entry["status"]["status_str"] == "success"
     result = entry["outputs"]["compare"]["texforce_compare"][0]
     assert result["n"] == 768 and result["prompts"] == 24 and result["reward"] == "toy_alignment_soft"
-    assert result["diff"] > 0.001 and result["z"] > 2.0, result  # a margin under the measured +3.3 SE
+    assert result["z"] > -2.0 and result["diff"] > -0.002, result  # lr 1e-2: −9.6 SE, −0.052
     lora = server.base / "models" / "loras" / "texforce" / "toy_learning.safetensors"
     assert lora.is_file()
     for node in ("grid", "curve"):
