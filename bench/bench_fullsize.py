@@ -233,14 +233,12 @@ class Clock:
 # ComfyUI in this process, the models
 # ----------------------------------------------------------------------------------------------
 def _load(name: str, path: Path, package: bool = False):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, path / "__init__.py" if package else path, submodule_search_locations=[str(path)] if package else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A module by its file path, once: scripts/inprocess.py's loader (itself loaded by path the first time)."""
+    if "texforce_inprocess" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("texforce_inprocess", REPO / "scripts" / "inprocess.py")
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["texforce_inprocess"]._load(name, path, package)
 
 
 def setup(device: str, attention: str, verbose: bool = False) -> dict[str, Any]:
@@ -743,17 +741,7 @@ def main_epoch(args, device_name: str) -> dict[str, Any]:
         host.gradient_checkpointing = ckpt == "on"
         plan = env["mp"].plan_memory(host.memory_inputs(cfg))
         trainer = loop.Trainer(host, bt.brightness, prompts, cfg)
-        decode_times: list[float] = []
-        decode = host.decode
-
-        def timed_decode(latents, _decode=decode):
-            t0 = clock()
-            try:
-                return _decode(latents)
-            finally:
-                decode_times.append(clock() - t0)
-
-        host.decode = timed_decode
+        decode_times = bt.time_decode(host, clock)
         trainer.run(1)  # warm-up (loads everything)
         decode_times.clear()
         peak.start()

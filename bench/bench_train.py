@@ -379,6 +379,23 @@ def fmt(xs: list[float], unit: float = 1.0, digits: int = 3) -> str:
     return ", ".join(f"{x * unit:.{digits}f}" for x in xs)
 
 
+def time_decode(host, clock) -> list[float]:
+    """Wrap host.decode (an instance attribute, undone by `del host.decode`) so every call's seconds are appended
+    to the returned list."""
+    times: list[float] = []
+    decode = host.decode
+
+    def timed_decode(latents):
+        t0 = clock()
+        try:
+            return decode(latents)
+        finally:
+            times.append(clock() - t0)
+
+    host.decode = timed_decode
+    return times
+
+
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -414,17 +431,7 @@ def main() -> int:
           f"{n_train_steps} U-Net forward+backward for training (batch 2x{cfg.train_batch_size})")
 
     # VAE decode is timed in every epoch (VAE.decode returns CPU tensors: synchronous anyway).
-    decode_times: list[float] = []
-    decode = host.decode
-
-    def timed_decode(latents):
-        t0 = clock()
-        try:
-            return decode(latents)
-        finally:
-            decode_times.append(clock() - t0)
-
-    host.decode = timed_decode
+    decode_times = time_decode(host, clock)
 
     def run_epoch(label: str) -> dict[str, float]:
         decode_times.clear()
