@@ -16,8 +16,8 @@ GEGLU feed-forwards, Down/Upsample, skip concatenations), given its config (Comf
 Attention: "efficient" (PyTorch SDPA flash/memory-efficient kernels, xformers, flash-attn, sage: what ComfyUI
 uses on NVIDIA/AMD/Intel GPUs) keeps O(tokens) per head for backward; "quadratic" (ComfyUI's sub-quadratic or
 split attention, its CPU default, or --use-split/quad-cross-attention) keeps each head's softmax map,
-batch·heads·tokens², for backward. Without gradient ComfyUI slices the quadratic kinds to fit free memory, so
-sampling counts no maps. Not counted: the VAE and the reward models (ComfyUI loads and evicts them around
+batch·heads·tokens², for backward. Without gradient ComfyUI slices the quadratic kinds only when memory is short,
+so sampling counts the largest self-attention's scores and softmax whole (an upper bound where it slices). Not counted: the VAE and the reward models (ComfyUI loads and evicts them around
 decoding), the CUDA context, allocator fragmentation.
 
 The counts are per-element of what autograd saves, checked against a measurement on a tiny model
@@ -113,6 +113,7 @@ class Layer:
     largest: float  # its largest single saved tensor (the size of the gradient buffers in its backward)
     params: int = 0
     skip: bool = False  # an input block's output, kept until its output block
+    attention_map: float = 0.0  # quadratic attention: one self-attention's softmax map (what sampling holds)
 
 
 def _attention(tokens: int, keys: int, heads: int, width: int, a: int, attention: str, upcast: bool,
@@ -176,7 +177,9 @@ def unet_layers(spec: UNetSpec, height: int, width: int, context_tokens: int, ac
         kept += 0 if lin else n * d * a  # the image-major copy that the conv proj_out keeps
         grad = True
         transient = n * a * (c + c + 17 * d)  # input, GroupNorm out, the feed-forward's working set
-        layers.append(Layer(name, kept, n * c * a, True, n * c * a, transient, largest, params))
+        self_map = heads * n * n * (4 if upcast else a) if attention == "quadratic" else 0.0
+        layers.append(Layer(name, kept, n * c * a, True, n * c * a, transient, largest, params,
+                            attention_map=self_map))
 
     h, w = height, width
     n = h * w
@@ -343,7 +346,12 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
         if layer.skip:
             alive += layer.output
     b_sample = p.unet_batch(p.sample_batch)
-    plan.sampling = {"weights": weights, "U-Net working set": b_sample * peak, "trajectories": trajectory}
+    # quadratic attention without gradient: ComfyUI slices the maps only when memory is short, so with memory
+    # free the largest attention's scores and softmax are both whole (measured: SD 1.5 512² on the CPU, 2.24 GiB
+    # above the weights where the maps alone are 2.15 GiB)
+    maps = 2 * max(layer.attention_map for layer in layers)
+    plan.sampling = {"weights": weights, "U-Net working set": b_sample * peak, "attention maps": b_sample * maps,
+                     "trajectories": trajectory}
 
     b_train = p.unet_batch(p.train_batch)
     largest = max(layer.largest for layer in layers)
