@@ -39,6 +39,7 @@ def test_the_shipped_toy_model_is_good_but_not_perfect(toy):
     assert float(world.alignment(clean, prompts).mean()) > float(soft.mean()) + 0.02  # room above the model
 
 
+@pytest.mark.timeout(2400)  # ≈ 13 min on 2 idle cores; more on a busy machine
 def test_train_through_the_server_leaves_a_strong_model_no_worse_on_held_out_prompts(server):
     """make demo's workflow as it ships (toy checkpoint → TexForce Train, `fast` preset, 40 epochs × 64 images on
     the 72 training prompts → TexForce Compare on the 24 held-out prompts × 32 noises), seed 0, in a real ComfyUI.
