@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-cache", type=Path, default=None,
                         help="keep the stage-1 VAE here and reuse it when the file exists")
     parser.add_argument("--batch", type=int, default=32, help="U-Net training batch")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the U-Net (and of the text encoder when joint)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="peak learning rate of the U-Net (and of the text encoder when they learn jointly)")
     parser.add_argument("--ema", type=float, default=0.999,
                         help="keep an exponential moving average of the weights with this decay and save it "
                              "(0: save the last weights); short runs sample much better from the average")

@@ -48,6 +48,14 @@ def _zscore(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
     return (values - mean) / (std + _EPS)
 
 
+def _prompt_groups(prompts: list[str]) -> list[torch.Tensor]:
+    """The indices of each distinct prompt's samples, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    return [torch.tensor(idx, dtype=torch.long) for idx in groups.values()]
+
+
 def batch_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """z-score over the whole epoch batch (Large-scale RL): robust with many prompts and one image each."""
     r = rewards.detach().double()
@@ -58,8 +66,7 @@ def group_advantages(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """z-score within the images of each prompt in this epoch (GRPO-style); needs ≥ 2 images per prompt."""
     r = rewards.detach().double()
     out = torch.empty_like(r)
-    for prompt in dict.fromkeys(prompts):
-        idx = torch.tensor([i for i, p in enumerate(prompts) if p == prompt], dtype=torch.long)
+    for idx in _prompt_groups(prompts):
         g = r[idx]
         out[idx] = _zscore(g, g.mean(), g.std(unbiased=False))
     return out.float()
@@ -77,8 +84,7 @@ def group_mean_advantages(rewards: torch.Tensor, prompts: list[str]) -> torch.Te
     """
     r = rewards.detach().double()
     centred = torch.empty_like(r)
-    for prompt in dict.fromkeys(prompts):
-        idx = torch.tensor([i for i, p in enumerate(prompts) if p == prompt], dtype=torch.long)
+    for idx in _prompt_groups(prompts):
         centred[idx] = r[idx] - r[idx].mean()
     scale = centred.pow(2).mean().sqrt()  # the groups' pooled σ: the centred values already have mean 0
     return (centred / (scale + _EPS)).float()
