@@ -111,3 +111,22 @@ def test_the_lora_gradient_of_half_models_is_close_to_fp32s(mode, guidance):
     cosine = float(torch.nn.functional.cosine_similarity(g16, g32, dim=0))
     assert cosine > 0.99, cosine
     assert float(g16.norm() / g32.norm()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_lora_delta_on_a_half_weight_is_summed_in_fp32_and_rounded_once():
+    """A small ΔW on a bf16 weight: the patched weight is fp32(W) + fp32(up@down) rounded once to bf16 (a bf16
+    product then a bf16 add rounds twice and can drop an early ΔW), and the LoRA's gradient is fp32."""
+    comfy_host = importlib.import_module(f"{pack.__name__}.training.hosts.comfy")
+    trainable = importlib.import_module(f"{pack.__name__}.training.lora.trainable")
+    lora = trainable.TrainableLora({("te1", "layer"): (64, 48)}, rank=4, alpha=4.0, seed=0)
+    with torch.no_grad():
+        lora.up[0].copy_(torch.randn(64, 4, generator=torch.Generator().manual_seed(1)) * 3e-3)
+    w = (torch.randn(64, 48, generator=torch.Generator().manual_seed(2)) * 0.05).to(torch.bfloat16)
+    out = comfy_host._LoraWrapper(lora, 0)(w)
+    exact = w.float() + (lora.up[0] @ lora.down[0]) * lora.scale
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, exact.to(torch.bfloat16))
+    out.float().sum().backward()
+    assert lora.up[0].grad.dtype == torch.float32 and lora.up[0].grad.abs().sum() > 0
+    lora.enabled = False
+    assert torch.equal(comfy_host._LoraWrapper(lora, 0)(w), w)

@@ -121,7 +121,10 @@ class _LoraWrapper:
         w = w.detach()
         if not self.lora.enabled:
             return w
-        return w + self.lora.delta(self.index, w.dtype, w.device)
+        # ΔW and the sum in fp32, rounded once to the weight's dtype: in bf16/fp16 a product of two half-precision
+        # factors, then a half-precision add, would lose an early, small ΔW twice over
+        delta = self.lora.delta(self.index, torch.float32, w.device)
+        return w + delta if w.dtype == torch.float32 else (w.float() + delta).to(w.dtype)
 
 
 class ComfyHost:
