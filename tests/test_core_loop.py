@@ -15,6 +15,7 @@ import torch
 
 import conftest  # noqa: F401
 from texforce_pack.training import checkpoint as ckpt
+from texforce_pack.training import update
 from texforce_pack.training.advantages import RewardError, batch_advantages
 from texforce_pack.training.config import make_config
 from texforce_pack.training.ddim import ddim_step
@@ -111,6 +112,89 @@ def test_encoding_once_per_microbatch_gives_the_same_gradient_as_reencoding_ever
     rel = ((grads[True] - grads[False]).norm() / grads[False].norm()).item()
     assert grads[False].norm() > 0 and rel < 1e-6, rel
     assert calls[True] == 2 + 2 and calls[False] == 3 * 2 + 2  # (prompts + negative) once vs per timestep, + KL ref
+
+
+def spy_encode(host: ToyHost, monkeypatch) -> list[tuple[str, bool, bool]]:
+    """Every prompt host.encode is given, with whether grad was on and the LoRA enabled."""
+    seen, original = [], host.encode
+
+    def encode(prompts):
+        lora = all(m.enabled for m in host.lora_modules().values())
+        seen.extend((p, torch.is_grad_enabled(), lora) for p in prompts)
+        return original(prompts)
+
+    monkeypatch.setattr(host, "encode", encode)
+    return seen
+
+
+def test_one_optimizer_step_encodes_each_prompt_once_and_gives_the_per_microbatch_gradient(monkeypatch):
+    """backward_step runs the encoder once per step (each distinct prompt and the negative prompt, forward and
+    backward), DPOK's reference encoding once too; the gradient is that of back-propagating the same micro-batches
+    one by one, and no more encoder graphs are alive than a micro-batch's prompts and the negative prompt."""
+    host = ToyHost(1, lora_up_std=0.1)
+    tr = trainer(host, kl_weight=0.05, images_per_epoch=12, images_per_prompt=3, train_batch_size=2,
+                 gradient_accumulation_steps=6)
+    batch = tr.sample([p for p in PROMPTS for _ in range(3)], 5)
+    batch.advantages = batch_advantages(batch.rewards)
+    gen = torch.Generator().manual_seed(3)
+    idx, cols = torch.randperm(12, generator=gen), torch.rand(12, 6, generator=gen).argsort(dim=1)[:, :4]
+    held = []
+    cond = update.StepEncoder.cond
+
+    def counting_cond(self, prompts):
+        out = cond(self, prompts)
+        held.append(sum(next(iter(o.values())).shape[0] for pairs in self.pending.values() for o, _ in pairs))
+        return out
+
+    monkeypatch.setattr(update.StepEncoder, "cond", counting_cond)
+    seen = spy_encode(host, monkeypatch)
+    with host.training():
+        tr.backward_step(batch, idx, cols)
+        step, once = lora_grads(host).clone(), list(seen)
+        for p in host.trainable_parameters():
+            p.grad = None
+        for i, c in zip(idx.split(2), cols.split(2)):  # the micro-batches train_on cut before
+            tr.backward_microbatch(batch, i, c, scale=len(i) / (12 * 4))
+    rel = ((step - lora_grads(host)).norm() / lora_grads(host).norm()).item()
+    assert lora_grads(host).norm() > 0 and rel < 1e-5, rel
+    trained = sorted(p for p, grad, lora in once if grad and lora)
+    reference = sorted(p for p, grad, lora in once if not grad and not lora)
+    assert trained == reference == sorted(PROMPTS + [""]), once
+    assert len(held) == 6 and max(held) <= 2 + 1, held  # a micro-batch's prompts + the negative prompt
+
+
+def test_a_rank_encodes_only_the_prompts_of_the_samples_it_holds(monkeypatch):
+    host = ToyHost(0)
+    tr = trainer(host)  # 8 images, 2 per prompt, optimizer steps of 2 × 2
+    batch = sampled_batch(tr)
+    share = batch.select(torch.arange(8) >= 4)  # rank 1 of 2: samples 4…7, two prompts
+    seen = spy_encode(host, monkeypatch)
+    with host.training():
+        info = tr.train_on(share, offset=4, total=8)
+    assert info.steps == 2
+    assert {p for p, grad, _ in seen if grad} == set(share.prompts) | {""}
+
+
+def test_a_step_split_over_ranks_sums_to_the_one_process_gradient():
+    """Each rank back-propagates (and encodes) its members of a step group; their gradients sum to one process's
+    to float rounding (the negative prompt's leaf gradient is summed over more micro-batches on one process)."""
+    host = ToyHost(1, lora_up_std=0.1)
+    tr = trainer(host, train_batch_size=1, gradient_accumulation_steps=2)
+    batch = sampled_batch(tr)
+    gen = torch.Generator().manual_seed(0)
+    cols = torch.rand(8, 6, generator=gen).argsort(dim=1)[:, :3]
+
+    def gradient(shares: list[torch.Tensor]) -> torch.Tensor:
+        for p in host.trainable_parameters():
+            p.grad = None
+        with host.training():
+            for share in shares:
+                tr.backward_step(batch, share, cols[share])
+        return lora_grads(host).clone()
+
+    for group in step_groups(8, 2, gen):
+        one, two = gradient([group]), gradient([group[group < 4], group[group >= 4]])
+        assert one.norm() > 0 and ((one - two).norm() / one.norm()).item() < 1e-5
 
 
 @pytest.mark.parametrize("preset, overrides", [
@@ -452,13 +536,13 @@ def test_train_window_trains_only_the_noisy_end_of_the_chain(monkeypatch):
     for window in (0.5, 1.0):
         tr = trainer(train_window=window, timestep_fraction=2 / 3)
         columns = []
-        original = tr.backward_microbatch
+        original = tr.backward_step
 
-        def spy(batch, idx, cols, scale, update=None, original=original, columns=columns):
+        def spy(batch, idx, cols, update=None, original=original, columns=columns):
             columns.append(cols.clone())
-            return original(batch, idx, cols, scale, update)
+            return original(batch, idx, cols, update)
 
-        monkeypatch.setattr(tr, "backward_microbatch", spy)
+        monkeypatch.setattr(tr, "backward_step", spy)
         tr.run(1)
         cols = torch.cat(columns)
         seen[window] = cols

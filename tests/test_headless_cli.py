@@ -3,7 +3,7 @@
 - a run (a normalised mix of JPEG compressibility and batch diversity) writes its LoRA, checkpoint, history and settings; the LoRA loads in ComfyUI's stock LoraLoader and in
   the pack's loader with the conditioning the diffusers host trained;
 - 2 processes: after every optimizer step the LoRA is identical on both ranks and equal (within fp32
-  tolerance) to one process on the same global batch and seeds;
+  rounding, as AdamW and the next epoch's sampling amplify it) to one process on the same global batch and seeds;
 - `accelerate launch` gives the torchrun result;
 - an interrupted 2-process run resumed by the same command ends where an uninterrupted one does;
 - a rank that fails ends the whole run with a clear error instead of a hang.
@@ -135,20 +135,30 @@ def test_trained_lora_loads_in_comfyui(tiny, single_run, loras_dir):
         torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-5)
 
 
+def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """‖b − a‖ / ‖a‖ over all the tensors together."""
+    diff = sum(float((y.float() - x.float()).norm()) ** 2 for x, y in zip(a, b, strict=True))
+    return (diff / sum(float(x.float().norm()) ** 2 for x in a)) ** 0.5
+
+
 def test_two_processes_stay_in_sync_and_match_one(single_run, dual_run):
+    """One process encodes each prompt once per optimizer step for all its samples (the negative prompt's gradient
+    summed before its encoder backward), each rank for its own: the step's gradients agree to float rounding
+    (1e-7, test_core_loop.py), which AdamW's per-element normalisation and the next epoch's sampling amplify
+    (measured: 5e-6 of the LoRA's norm after epoch 1, 2e-4 after epoch 2; until this encoding the runs were
+    bit-identical). The limits leave 10× room over that, far below what another set of samples changes."""
     one, r0, r1 = _trace(single_run["trace"], 0), _trace(dual_run["trace"], 0), _trace(dual_run["trace"], 1)
     assert len(one) == len(r0) == len(r1) == 2 * STEPS_PER_EPOCH
     initial_moved = False
     for step, (a, b, c) in enumerate(zip(one, r0, r1), 1):
-        for pa, pb, pc in zip(a, b, c):
-            assert torch.equal(pb, pc), f"ranks differ after step {step}"
-            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+        assert all(torch.equal(pb, pc) for pb, pc in zip(b, c)), f"ranks differ after step {step}"
+        limit = 1e-4 if step <= STEPS_PER_EPOCH else 2e-3
+        assert relative_difference(a, b) < limit, (step, relative_difference(a, b))
         initial_moved |= any(float(p.abs().max()) > 0 for p in a[len(a) // 2:])  # LoRA up weights start at 0
     assert initial_moved
-    # only rank 0 wrote the run folder, and it holds the same LoRA as the single process (within fp32)
+    # only rank 0 wrote the run folder, and it holds the same LoRA as the single process (within fp32 rounding)
     a, b = load_file(str(single_run["out"] / "tiny_lora.safetensors")), load_file(str(dual_run["out"] / "tiny_lora.safetensors"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert a.keys() == b.keys() and relative_difference([a[k] for k in a], [b[k] for k in a]) < 2e-3
     hist = [json.loads(x) for x in (dual_run["out"] / "history.jsonl").read_text().splitlines()]
     assert hist[-1]["n_images"] == 8  # the global batch, not one rank's share
 

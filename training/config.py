@@ -63,7 +63,10 @@ class TrainConfig:
     # out the last, nearly clean steps: there the image is already decided, yet the log-prob gradient is largest
     # (it scales with 1/σ_t), so they dominate the update (Flow-GRPO and DanceGRPO train early steps only).
     train_window: float = 1.0
-    encode_once_per_microbatch: bool = True  # same gradient as re-encoding per timestep, ~25% cheaper
+    # True: the text encoder runs (forward + backward) once per distinct prompt per optimizer step, never more than
+    # once per micro-batch (training/update.py StepEncoder); False: again at every trained timestep, the plain
+    # reference form. The same gradient up to float rounding; the name predates the per-step encoding.
+    encode_once_per_microbatch: bool = True
 
     # --- objective --------------------------------------------------------------------------------
     loss: str = "ppo"  # "ppo" (DDPO-IS, several steps per epoch) or "sf" (DDPO-SF, one step per epoch)

@@ -7,7 +7,7 @@ over ranks before every optimizer step. Every rank then takes the same step from
 stays identical everywhere without broadcasting weights; rank 0 alone writes files.
 
 The gradient is all-reduced explicitly rather than through a DistributedDataParallel wrapper: the trainer
-runs the text encoder once per micro-batch and back-propagates the K timesteps through detached leaves
+runs the text encoder once per optimizer step and back-propagates the micro-batches through detached leaves
 (training/update.py), a pattern DDP's once-per-forward hooks do not follow. An explicit reduce of the LoRA's
 few parameters is exact, cheap, and tested against a single-process run.
 

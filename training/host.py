@@ -2,7 +2,7 @@
 
 Everything the core needs from a host is here; the core never touches ComfyUI or diffusers itself.
 Conditioning is a plain dict of tensors (e.g. {"cross_attn": B×L×D, "pooled": B×P}) so the core
-can detach it at the encoder boundary and back-propagate into the encoder once per micro-batch.
+can detach it at the encoder boundary and back-propagate into the encoder once per optimizer step.
 """
 from __future__ import annotations
 

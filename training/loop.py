@@ -37,7 +37,7 @@ from .reward import MixedReward, Reward
 from .sampling import Trajectory, chain_log_probs, draw_seed, epoch_prompts, sample
 from .scoring import combine, combine_without_update, score
 from .stats import EpochStats, log_epoch
-from .update import MicroBatch, UpdateLog, backward_microbatch, step_groups
+from .update import MicroBatch, UpdateLog, backward_microbatch, backward_step, by_prompt, step_groups
 
 __all__ = ["EpochStats", "Trainer", "TrainingCancelled", "Trajectory"]
 
@@ -177,7 +177,8 @@ class Trainer:
     def train_on(self, batch: Trajectory, offset: int = 0, total: int | None = None) -> UpdateLog:
         """One epoch's training on a sampled batch with advantages: num_inner_epochs passes over the epoch's
         samples in random groups of train_batch_size × gradient_accumulation_steps (see `step_groups`), one
-        optimizer step per group, each group back-propagated in micro-batches of at most train_batch_size.
+        optimizer step per group, each group back-propagated in micro-batches of at most train_batch_size
+        (`backward_step`).
 
         With several processes, `batch` is this rank's share: samples offset … offset+len(batch)−1 of the
         `total` kept samples of the epoch. The groups and the timesteps are drawn for all `total` samples
@@ -196,11 +197,23 @@ class Trainer:
             columns = torch.rand(total, self.W, generator=self.gen_train).argsort(dim=1)[:, :self.K]
             for group in groups:
                 mine = group[(group >= offset) & (group < offset + n)]
-                for idx in (mine.split(cfg.train_batch_size) if len(mine) else ()):  # (split of [] gives [[]])
-                    scale = len(idx) / (per_step * self.K)
-                    self.backward_microbatch(batch, idx - offset, columns[idx], scale, update)
+                self.backward_step(batch, mine - offset, columns[mine], update)
                 self._optimizer_step(update)
         return update.over_ranks(self.dist)
+
+    def backward_step(self, batch: Trajectory, idx: torch.Tensor, columns: torch.Tensor,
+                      update: UpdateLog | None = None) -> None:
+        """Accumulate one optimizer step's gradient of samples `idx` (this rank's members of a step group) at their
+        step indices `columns` into the LoRA parameters, in micro-batches of at most train_batch_size, the text
+        encoder run once per step (update.backward_step). Public for tests and benchmarks."""
+        cfg = self.cfg
+        if cfg.encode_once_per_microbatch:
+            idx, columns = by_prompt(batch.prompts, idx, columns)
+        bs = cfg.train_batch_size
+        micro = [MicroBatch.of(batch, i, c, self.host.device) for i, c in zip(idx.split(bs), columns.split(bs))
+                 if len(i)]  # (split of [] gives [[]])
+        backward_step(self.host, cfg, self._sched, micro, update if update is not None else UpdateLog(updated=True),
+                      self._poll)
 
     def backward_microbatch(self, batch: Trajectory, idx: torch.Tensor, columns: torch.Tensor, scale: float,
                             update: UpdateLog | None = None) -> None:

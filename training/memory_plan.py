@@ -7,7 +7,8 @@ GEGLU feed-forwards, Down/Upsample, skip concatenations), given its config (Comf
 - a sampling step: no gradient; the weights, the skip tensors the U-Net keeps for its output blocks, and the
   working set of the largest layer. Classifier-free guidance sends cond and uncond through as one batch, 2×.
 - a training micro-batch: forward + backward through the U-Net to reach the conditioning (2× batch with
-  guidance), the text encoders' activations (kept until their single backward at the micro-batch's end), the
+  guidance), the text encoders' activations (encoded once per optimizer step; with the step's samples in prompt
+  order only the current micro-batch's prompts and the negative prompt hold theirs: update.py StepEncoder), the
   LoRA'd weight copies, LoRA + AdamW state. Without gradient checkpointing every tensor that autograd saves for
   backward is counted; with it (one checkpoint per U-Net layer, training/hosts/comfy.py) only each layer's input,
   plus one layer recomputed during backward.

@@ -3,12 +3,15 @@
 A micro-batch is a few samples, each trained at K of its stored DDIM transitions (DDPO: a random subset of
 timesteps). Its loss is PPO's clipped surrogate (or the score-function loss) of the transition's log-prob
 under the current LoRA against the log-prob recorded at sampling, plus DPOK's β·KL to the model without the
-LoRA when kl_weight > 0. The text encoder runs once per micro-batch: its outputs are detached into leaf
-tensors, the K timesteps back-propagate into those leaves, and the summed leaf gradients go through the
-encoder once (the same gradient as re-encoding at every timestep, by linearity).
+LoRA when kl_weight > 0. The text encoder runs once per optimizer step (`backward_step`): its outputs are
+detached into leaf tensors, every micro-batch's K timesteps back-propagate into the rows it uses, and the summed
+leaf gradients go through the encoder once per distinct prompt (the same gradient as re-encoding at every
+timestep, by linearity). `backward_microbatch` encodes per micro-batch (or, with encode_once_per_microbatch
+off, per timestep: the plain reference form).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -130,16 +133,17 @@ class MicroBatch:
         return self.latents[rows, c], self.latents[rows, c + 1], self.old_log_probs[rows, c], c
 
 
-def reference_means(host: Host, cfg: TrainConfig, sched: DDIMSchedule, mb: MicroBatch) -> list[torch.Tensor]:
+def reference_means(host: Host, cfg: TrainConfig, sched: DDIMSchedule, mb: MicroBatch,
+                    ref: tuple[Cond, Cond] | None = None) -> list[torch.Tensor]:
     """DPOK's reference: the DDIM mean of each trained transition under the same model with the LoRA switched
-    off (no grad); empty when kl_weight is 0."""
+    off (no grad); empty when kl_weight is 0. ref: the micro-batch's (cond, uncond) already encoded without the
+    LoRA (ReferenceConds), else they are encoded here."""
     if cfg.kl_weight <= 0:
         return []
     means = []
     with torch.no_grad(), host.lora_enabled(False):
-        cond = host.encode(mb.prompts)
-        uncond = expand(host.encode([cfg.negative_prompt]), len(mb))
-        with host.predictor(cond, uncond, cfg.guidance) as predict:
+        cond, uncond = ref if ref is not None else (host.encode(mb.prompts), host.encode([cfg.negative_prompt]))
+        with host.predictor(cond, expand(uncond, len(mb)), cfg.guidance) as predict:
             for j in range(mb.columns.shape[1]):
                 x, x_next, _, c = mb.transition(j)
                 eps = predict(x, sched.timesteps[c])
@@ -171,10 +175,22 @@ def _leaves(cond: Cond) -> Cond:
     return {k: v.detach().requires_grad_(True) for k, v in cond.items()}
 
 
+def _encoder_backward(encoded: list[tuple[Cond, Cond]]) -> None:
+    """Send the gradients accumulated in each (encoder output, its leaves) pair through the encoder, in one pass."""
+    outputs, grads = [], []
+    for src, leaf in encoded:
+        for key, tensor in src.items():
+            if leaf[key].grad is not None and tensor.requires_grad:
+                outputs.append(tensor)
+                grads.append(leaf[key].grad)
+    if outputs:
+        torch.autograd.backward(outputs, grads)
+
+
 def backward_microbatch(host: Host, cfg: TrainConfig, sched: DDIMSchedule, mb: MicroBatch, scale: float,
                         log: UpdateLog, poll: Callable[[], None]) -> None:
-    """Accumulate (loss · scale) gradients of the micro-batch's trained transitions into the LoRA parameters.
-    Call inside host.training()."""
+    """Accumulate (loss · scale) gradients of the micro-batch's trained transitions into the LoRA parameters,
+    encoding its prompts once (per timestep with encode_once_per_microbatch off). Call inside host.training()."""
     mean_ref = reference_means(host, cfg, sched, mb)
     b, k = mb.columns.shape
     if not cfg.encode_once_per_microbatch:  # the plain form: the encoder runs again for every timestep
@@ -192,12 +208,119 @@ def backward_microbatch(host: Host, cfg: TrainConfig, sched: DDIMSchedule, mb: M
         for j in range(k):
             poll()
             timestep_backward(predict, cfg, sched, mb, j, mean_ref, scale, log)
-    # the K timesteps' gradients w.r.t. the conditioning, through the encoder in one pass
-    outputs, grads = [], []
-    for src, leaf in ((cond, cond_leaf), (uncond, uncond_leaf)):
-        for key, tensor in src.items():
-            if leaf[key].grad is not None and tensor.requires_grad:
-                outputs.append(tensor)
-                grads.append(leaf[key].grad)
-    if outputs:
-        torch.autograd.backward(outputs, grads)
+    _encoder_backward([(cond, cond_leaf), (uncond, uncond_leaf)])  # the K timesteps' gradients, in one pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One optimizer step: the text encoder once per step
+# ---------------------------------------------------------------------------------------------------------------
+def by_prompt(prompts: list[str], idx: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx and its columns reordered so that each prompt's samples are consecutive (prompts in order of first
+    appearance, samples in their order): micro-batches cut from it share as few prompts as possible, which bounds
+    StepEncoder's memory. The step's gradient is a sum over samples, whatever their order."""
+    names = [prompts[i] for i in idx.tolist()]
+    first = {p: n for n, p in enumerate(dict.fromkeys(names))}
+    order = torch.tensor(sorted(range(len(names)), key=lambda i: first[names[i]]), dtype=torch.long)
+    return idx[order], columns[order]
+
+
+def concat_rows(rows: list[Cond]) -> Cond:
+    """One conditioning from rows of several encodings. Sequences of different lengths (a prompt over 77 tokens
+    gives several chunks) are repeated to a common length, as ComfyUI's conditioning concat does: attention over a
+    sequence repeated k times is the same attention."""
+    out: Cond = {}
+    for key in rows[0]:
+        parts = [r[key] for r in rows]
+        lengths = {t.shape[1] for t in parts if t.dim() >= 3}
+        if len(lengths) > 1:
+            n = math.lcm(*lengths)
+            parts = [t.repeat(1, n // t.shape[1], *([1] * (t.dim() - 2))) for t in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
+class StepEncoder:
+    """The text encoder for one optimizer step's micro-batches: every distinct prompt is encoded (forward and
+    backward) once per step and the negative prompt once, instead of once per micro-batch.
+
+    Encoder outputs are detached into leaves whose rows the micro-batches take, so their gradients accumulate
+    over the step. An encoding's graph is kept until the last micro-batch that uses its prompts has
+    back-propagated (`release`), then the leaf gradients go through the encoder: by linearity the gradient of
+    re-encoding for every micro-batch. Prompts are encoded together only when their last micro-batch is the same,
+    so with micro-batches sorted by prompt (`by_prompt`) the graphs alive are those of the current micro-batch's
+    prompts and the negative prompt: the memory of encoding once per micro-batch (training/memory_plan.py).
+    """
+
+    def __init__(self, host: Host, cfg: TrainConfig, micro_prompts: list[list[str]]):
+        self.host = host
+        self.last = {p: m for m, prompts in enumerate(micro_prompts) for p in prompts}  # a prompt's last micro-batch
+        self.rows: dict[str, tuple[Cond, int]] = {}  # prompt -> (the leaves of its encoding, its row)
+        self.pending: dict[int, list[tuple[Cond, Cond]]] = {}  # micro-batch -> (output, leaves) to release after it
+        self._negative = host.encode([cfg.negative_prompt])
+        self.uncond = self._hold(self._negative, len(micro_prompts) - 1)
+
+    def _hold(self, encoded: Cond, until: int) -> Cond:
+        leaves = _leaves(encoded)
+        self.pending.setdefault(until, []).append((encoded, leaves))
+        return leaves
+
+    def cond(self, prompts: list[str]) -> Cond:
+        """The conditioning rows of `prompts` (leaf views), encoding those this step has not seen yet."""
+        new: dict[int, list[str]] = {}
+        for p in dict.fromkeys(prompts):
+            if p not in self.rows:
+                new.setdefault(self.last[p], []).append(p)
+        for until, batch in new.items():
+            encoded = self.host.encode(batch)
+            _check_grad_path(encoded, self._negative)
+            leaves = self._hold(encoded, until)
+            self.rows.update({p: (leaves, i) for i, p in enumerate(batch)})
+        return concat_rows([{k: v[i:i + 1] for k, v in leaves.items()}
+                            for leaves, i in (self.rows[p] for p in prompts)])
+
+    def release(self, m: int) -> None:
+        """Back-propagate through the encoder every encoding whose prompts micro-batch m used last."""
+        _encoder_backward(self.pending.pop(m, []))
+
+
+class ReferenceConds:
+    """DPOK's reference conditioning for one step: its distinct prompts and the negative prompt encoded once
+    without the LoRA (no grad), instead of once per micro-batch."""
+
+    def __init__(self, host: Host, cfg: TrainConfig, prompts: list[str]):
+        unique = list(dict.fromkeys(prompts))
+        self.row = {p: i for i, p in enumerate(unique)}
+        with torch.no_grad(), host.lora_enabled(False):
+            self.cond, self.uncond = host.encode(unique), host.encode([cfg.negative_prompt])
+
+    def of(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        """(cond, uncond) of `prompts`, as reference_means takes them."""
+        return {k: v[torch.tensor([self.row[p] for p in prompts], device=v.device)]
+                for k, v in self.cond.items()}, self.uncond
+
+
+def step_scale(cfg: TrainConfig, mb: MicroBatch) -> float:
+    """The micro-batch's weight in its optimizer step: its share of the step's per_step × K transitions."""
+    return len(mb) / (cfg.train_batch_size * cfg.gradient_accumulation_steps * mb.columns.shape[1])
+
+
+def backward_step(host: Host, cfg: TrainConfig, sched: DDIMSchedule, micro: list[MicroBatch], log: UpdateLog,
+                  poll: Callable[[], None]) -> None:
+    """Accumulate one optimizer step's gradient (each micro-batch's loss · step_scale) into the LoRA parameters,
+    the text encoder run once per step (StepEncoder; per micro-batch and timestep with encode_once_per_microbatch
+    off, the reference form). Sort the samples with by_prompt first. Call inside host.training()."""
+    if not cfg.encode_once_per_microbatch:
+        for mb in micro:
+            backward_microbatch(host, cfg, sched, mb, step_scale(cfg, mb), log, poll)
+        return
+    if not micro:
+        return
+    encoder = StepEncoder(host, cfg, [mb.prompts for mb in micro])
+    ref = ReferenceConds(host, cfg, [p for mb in micro for p in mb.prompts]) if cfg.kl_weight > 0 else None
+    for m, mb in enumerate(micro):
+        mean_ref = reference_means(host, cfg, sched, mb, ref.of(mb.prompts) if ref else None)
+        with host.predictor(encoder.cond(mb.prompts), expand(encoder.uncond, len(mb)), cfg.guidance) as predict:
+            for j in range(mb.columns.shape[1]):
+                poll()
+                timestep_backward(predict, cfg, sched, mb, j, mean_ref, step_scale(cfg, mb), log)
+        encoder.release(m)
