@@ -247,6 +247,40 @@ def test_the_learning_model_lets_the_prompt_control_the_image():
     assert diffs[False] < 1e-4 and diffs[True] > 0.01, diffs
 
 
+def test_predictor_gives_comfyui_the_models_options_with_the_sample_sigmas(monkeypatch):
+    """What sampling_function gets as model_options: the run's sample_sigmas in transformer_options and, for a
+    MODEL with patches, those patches (a cfg function here, which runs); the MODEL's own options never change."""
+    import comfy.samplers
+
+    seen, cfg_calls = [], []
+    sampling_function = comfy.samplers.sampling_function
+
+    def spy(model, x, timestep, uncond, cond, cond_scale, model_options=None, **kw):
+        seen.append(model_options)
+        return sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options=model_options, **kw)
+
+    def cfg_function(args):
+        cfg_calls.append(1)
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+
+    monkeypatch.setattr(comfy.samplers, "sampling_function", spy)
+    for patched in (False, True):
+        with torch.inference_mode():
+            model, clip, vae = tiny_models.tiny_model(0), tiny_models.tiny_clip("sd1", 0), tiny_models.tiny_vae(0)
+            if patched:
+                model = model.clone()
+                model.set_model_sampler_cfg_function(cfg_function)
+            host = ComfyHost(model, clip, vae, rank=4, alpha=4.0)
+        tr = loop.Trainer(host, brightness, PROMPTS, small_config())
+        with torch.inference_mode(False):
+            tr.generate(PROMPTS[:1], seed=0)
+        options = seen[-1]
+        assert options["transformer_options"]["sample_sigmas"] is host.sample_sigmas
+        assert ("sampler_cfg_function" in options) == patched == bool(cfg_calls)
+        for own in (model.model_options, host._model.model_options):
+            assert own["transformer_options"] == {} and own is not options
+
+
 def test_a_normalised_reward_mix_keeps_its_statistics_across_resume(tmp_path):
     mix_mod = importlib.import_module(f"{pack.__name__}.rewards.mix")
     jpeg = importlib.import_module(f"{pack.__name__}.rewards.jpeg")

@@ -280,9 +280,7 @@ class ComfyHost:
         batch = cond["cross_attn"].shape[0]
         if uncond["cross_attn"].shape[0] != batch:
             uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in uncond.items()}
-        options = comfy.model_patcher.create_model_options_clone(model.model_options)
-        if self.sample_sigmas is not None:
-            options.setdefault("transformer_options", {})["sample_sigmas"] = self.sample_sigmas
+        options = _sampling_options(model.model_options, self.sample_sigmas)
         device = model.load_device
         abar_table = self.alphas_cumprod.to(device)
         state: dict = {}
@@ -342,6 +340,18 @@ class ComfyHost:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
             self._training = False
+
+
+def _sampling_options(model_options: dict, sample_sigmas: torch.Tensor | None) -> dict:
+    """The model_options a predictor hands sampling_function: the MODEL's, with the run's sample_sigmas in
+    transformer_options as ComfyUI's samplers put them. A copy, so that the MODEL's own dict never changes; for a
+    MODEL without patches the copy is built directly instead of walking the nested dicts (the same dict)."""
+    if list(model_options) == ["transformer_options"] and not model_options["transformer_options"]:  # unpatched
+        return {"transformer_options": {} if sample_sigmas is None else {"sample_sigmas": sample_sigmas}}
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    if sample_sigmas is not None:
+        options.setdefault("transformer_options", {})["sample_sigmas"] = sample_sigmas
+    return options
 
 
 def encode_batch(clip, prompts: list[str]) -> Cond:
