@@ -6,6 +6,7 @@ tensors exactly as in the real server (the trap DESIGN.md §5 describes).
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -279,6 +280,39 @@ def test_predictor_gives_comfyui_the_models_options_with_the_sample_sigmas(monke
         assert ("sampler_cfg_function" in options) == patched == bool(cfg_calls)
         for own in (model.model_options, host._model.model_options):
             assert own["transformer_options"] == {} and own is not options
+
+
+def test_training_offloads_all_but_the_unet_and_clip_through_comfyuis_model_management(monkeypatch):
+    """offload_except with ComfyUI's real model management and patchers: after sampling and scoring, the VAE and a
+    reward model are unloaded and the U-Net and CLIP stay. ComfyHost asks for it off the CPU only: on the CPU
+    (these tests) an epoch asks nothing of free_memory."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    comfy_host = importlib.import_module(f"{pack.__name__}.training.hosts.comfy")
+    host, model, clip, vae = build()
+    reward_model = comfy.model_patcher.ModelPatcher(torch.nn.Linear(3, 1), load_device=host.device,
+                                                    offload_device=host.device)
+
+    def reward(images, prompts):
+        mm.load_models_gpu([reward_model])  # as the pack's reward nodes do
+        return brightness(images, prompts)
+
+    freed = []
+    free_memory = mm.free_memory
+    monkeypatch.setattr(mm, "free_memory", lambda *a, **kw: freed.append(a) or free_memory(*a, **kw))
+    loop.Trainer(host, reward, PROMPTS, small_config(epochs=1)).run(1)
+    assert not [a for a in freed if a[0] == math.inf]  # nothing offloaded for training on the CPU
+
+    def loaded() -> list:
+        return [m.model for m in mm.current_loaded_models]
+
+    mine = [host._model, host.clip.patcher]
+    assert all(any(x is p for x in loaded()) for p in (*mine, vae.patcher, reward_model))
+    unloaded = comfy_host.offload_except(host.device, mine)
+    assert {id(m.model) for m in unloaded} >= {id(vae.patcher), id(reward_model)}
+    assert all(any(x is p for x in loaded()) for p in mine)
+    assert not any(x is p for x in loaded() for p in (vae.patcher, reward_model))
 
 
 def test_a_normalised_reward_mix_keeps_its_statistics_across_resume(tmp_path):

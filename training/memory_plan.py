@@ -18,8 +18,9 @@ Attention: "efficient" (PyTorch SDPA flash/memory-efficient kernels, xformers, f
 uses on NVIDIA/AMD/Intel GPUs) keeps O(tokens) per head for backward; "quadratic" (ComfyUI's sub-quadratic or
 split attention, its CPU default, or --use-split/quad-cross-attention) keeps each head's softmax map,
 batch·heads·tokens², for backward. Without gradient ComfyUI slices the quadratic kinds only when memory is short,
-so sampling counts the largest self-attention's scores and softmax whole (an upper bound where it slices). Not counted: the VAE and the reward models (ComfyUI loads and evicts them around
-decoding), the CUDA context, allocator fragmentation.
+so sampling counts the largest self-attention's scores and softmax whole (an upper bound where it slices).
+Not counted: the VAE and the reward models (ComfyUI loads them to decode and score, and the ComfyUI host has them
+offloaded for the training pass), the CUDA context, allocator fragmentation.
 
 The counts are per-element of what autograd saves, checked against a measurement on a tiny model
 (tests/test_memory_plan.py); nothing here imports ComfyUI (the host reads the model: training/hosts/comfy.py).

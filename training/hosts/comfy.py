@@ -10,7 +10,9 @@ What makes gradients flow inside ComfyUI (DESIGN.md §5), all on clones so the u
   per instance for the training pass and restored afterwards (the CLIP module is shared by all clones);
 - the U-Net is called through `comfy.samplers.sampling_function`, as ComfyUI's samplers do, so cfg functions,
   model_function_wrapper and transformer patches the user put on the MODEL are honoured, and SDXL's pooled
-  and size conditioning are built by the model's own `extra_conds`.
+  and size conditioning are built by the model's own `extra_conds`;
+- off the CPU, ComfyUI's model management offloads the VAE and the reward models for the training pass (they come
+  back for sampling on their own).
 """
 from __future__ import annotations
 
@@ -330,6 +332,7 @@ class ComfyHost:
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         layers = [m for m in self.clip.cond_stage_model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)]
+        self._offload_for_training()
         self._training = True
         try:
             with torch.inference_mode(False), torch.enable_grad():
@@ -340,6 +343,22 @@ class ComfyHost:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
             self._training = False
+
+    def _offload_for_training(self) -> None:
+        """Before the training pass, ComfyUI offloads every model it holds on the U-Net's device but the U-Net and
+        the CLIP: after sampling, the VAE and the reward models, which training does not use and the memory plan
+        does not count. They come back when next used (VAE.decode and the reward nodes call load_models_gpu). On
+        the CPU nothing is asked: loaded and offloaded are the same RAM."""
+        if torch.device(self.device).type != "cpu":
+            offload_except(self.device, [self._model, self.clip.patcher])
+
+
+def offload_except(device: torch.device, keep: list) -> list:
+    """Have ComfyUI's model management unload every model it has loaded on `device` except the patchers in `keep`;
+    returns what it unloaded (its LoadedModel entries)."""
+    mm = comfy.model_management
+    kept = [m for m in mm.current_loaded_models if any(m.model is k for k in keep)]
+    return mm.free_memory(math.inf, device, keep_loaded=kept)
 
 
 def _sampling_options(model_options: dict, sample_sigmas: torch.Tensor | None) -> dict:
