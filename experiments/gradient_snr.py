@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from toy_common import REPO, load, pack_module
+from toy_common import REPO, load, pack_module, sampled_batch
 
 log = logging.getLogger("texforce.experiments")
 
@@ -65,16 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     grads = {name: [] for name in variants}  # per variant: per batch, (W, P) per-step gradients
     t0 = time.time()
     for b in range(args.batches):
-        chosen = [train_prompts[i] for i in torch.randperm(len(train_prompts), generator=gen)[:args.prompts]]
-        prompts = [p for p in chosen for _ in range(args.per_prompt)]
-        with torch.inference_mode(False), torch.no_grad():
-            traj = trainer.sample(prompts, 1000 + 97 * b)
+        prompts, traj = sampled_batch(trainer, train_prompts, gen, args.prompts, args.per_prompt, 1000 + 97 * b)
         soft = traj.rewards.float()
         strict = world.alignment(traj.images, prompts, strict=True)
         log.info("batch %d: soft %.4f, all-correct %.3f, groups with a wrong image %d of %d (%.0f s)", b,
                  float(soft.mean()), float(strict.mean()),
                  sum(float(strict[i:i + args.per_prompt].min()) < 1 for i in range(0, len(prompts), args.per_prompt)),
-                 len(chosen), time.time() - t0)
+                 args.prompts, time.time() - t0)
         per_variant = {name: [] for name in variants}
         for j in range(trainer.W):
             columns = torch.full((len(prompts), 1), j, dtype=torch.long)

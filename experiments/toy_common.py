@@ -56,6 +56,15 @@ def paired_eval(trainer, world, prompts: list[str], seeds: int, seed: int = EVAL
             "image_distance": float((tuned - base).abs().mean())}
 
 
+def sampled_batch(trainer, prompts: list[str], gen: torch.Generator, n_prompts: int, per_prompt: int, seed: int):
+    """`n_prompts` prompts drawn from `prompts` by `gen`, `per_prompt` images each, sampled with the trainer's own
+    sampler (no grad, chains kept for the policy gradient): (the batch's prompt list, its Trajectory)."""
+    chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=gen)[:n_prompts]]
+    batch = [p for p in chosen for _ in range(per_prompt)]
+    with torch.inference_mode(False), torch.no_grad():
+        return batch, trainer.sample(batch, seed)
+
+
 def grid(images_rows: list[torch.Tensor], path: Path, scale: int = 2) -> Path:
     """Rows of equally many images (B×H×W×3) into one PNG."""
     import numpy as np

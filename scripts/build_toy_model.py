@@ -59,6 +59,40 @@ def render_dataset(world, per_scene: int, seed: int) -> tuple[torch.Tensor, list
     return images, index
 
 
+_POSITION_PHRASES = {"left": ("on the left", "at the left", "on the left side"),
+                     "right": ("on the right", "at the right", "on the right side"),
+                     "top": ("at the top", "on top", "near the top"),
+                     "bottom": ("at the bottom", "near the bottom", "on the bottom")}
+_TEMPLATES = ("a {c} {s} {p}, {b} background", "{c} {s} {p} on a {b} background", "a {s}, {c}, {p}, {b} background",
+              "{b} background with a {c} {s} {p}", "a picture of a {c} {s} {p}, {b} background",
+              "a small {c} {s} {p} on {b}", "{c} {s}, {p}, {b}", "an image of a {c} {s} {p} with a {b} background")
+
+
+def captions(world, phrasings: int) -> tuple[list[str], list[int]]:
+    """Every scene's canonical prompt (world.Scene.prompt, what RL and the scorer use) followed by up to
+    `phrasings` − 1 other phrasings of it, and the scene index of each caption.
+
+    A U-Net trained on 96 fixed sentences has seen 97 conditioning vectors and nothing between them: any change
+    of the text encoder takes it where it never learned, and every LoRA step hurts (experiments/
+    direction_probe.py). Captions in many phrasings, like the web captions SD learned from, make its response to
+    the conditioning smooth around each prompt.
+    """
+    scenes = world.all_scenes()
+    out, index = [], []
+    for i, sc in enumerate(scenes):
+        variants = [sc.prompt]
+        for k, template in enumerate(_TEMPLATES[1:] + _TEMPLATES):
+            if len(variants) >= phrasings:
+                break
+            place = _POSITION_PHRASES[sc.position][k % len(_POSITION_PHRASES[sc.position])]
+            text = template.format(c=sc.colour, s=sc.shape, p=place, b=sc.background)
+            if text not in variants:
+                variants.append(text)
+        out += variants
+        index += [i] * len(variants)
+    return out, index
+
+
 def train_vae(cm, images: torch.Tensor, steps: int, seed: int, batch: int = 16) -> torch.nn.Module:
     """Reconstruction with the object's pixels weighted 5× (most of an image is background), and noise on the
     latent so the decoder tolerates the imprecise latents a diffusion model produces."""
@@ -97,7 +131,8 @@ def rescale_latent(ae: torch.nn.Module, latents_std: float, latent_factor: float
     return k
 
 
-def pretrain_text_encoder(world, encoder: torch.nn.Module, tokens: torch.Tensor, steps: int, seed: int) -> None:
+def pretrain_text_encoder(world, encoder: torch.nn.Module, tokens: torch.Tensor, scene_of: list[int], steps: int,
+                          seed: int) -> None:
     """The text encoder's own objective: linear heads on its pooled output name each attribute's value.
 
     Like CLIP's contrastive objective it only shapes the pooled vector; the per-token states the U-Net reads are
@@ -105,13 +140,13 @@ def pretrain_text_encoder(world, encoder: torch.nn.Module, tokens: torch.Tensor,
     """
     scenes = world.all_scenes()
     values = [world.COLOURS, world.SHAPES, world.POSITIONS, world.BACKGROUNDS]
-    labels = torch.tensor([[list(v).index(x) for v, x in zip(values, s.values())] for s in scenes])
+    labels = torch.tensor([[list(v).index(x) for v, x in zip(values, scenes[i].values())] for i in scene_of])
     g = torch.Generator().manual_seed(seed)
     width = encoder(tokens[:1].tolist())[1].shape[-1]
     heads = torch.nn.ModuleList(torch.nn.Linear(width, len(v)) for v in values)
     opt = torch.optim.AdamW(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
     for step in range(steps):
-        pick = torch.randint(0, len(scenes), (32,), generator=g)
+        pick = torch.randint(0, len(labels), (32,), generator=g)
         pooled = encoder(tokens[pick].tolist())[1]
         loss = sum(torch.nn.functional.cross_entropy(h(pooled), labels[pick, i]) for i, h in enumerate(heads))
         opt.zero_grad(set_to_none=True)
@@ -148,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the text encoder first on its own objective (read the four attributes back "
                              "from its pooled output, as CLIP is trained on its pooled output), then freeze it while "
                              "the U-Net learns, as Stable Diffusion's CLIP is (0: CLIP and U-Net learn jointly)")
+    parser.add_argument("--phrasings", type=int, default=1,
+                        help="captions per scene the U-Net (and the text encoder's pretraining) learn from: the "
+                             "canonical prompt and other phrasings of it (1: the canonical prompt only)")
+    parser.add_argument("--cond-noise", type=float, default=0.0,
+                        help="Gaussian noise added to the conditioning while the U-Net learns, relative to its RMS: "
+                             "the U-Net learns a neighbourhood of each caption's conditioning, not one point")
     parser.add_argument("--eval-seeds", type=int, default=4, help="noises per prompt for the final check (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -198,15 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     for layer in encoder.modules():
         if isinstance(layer, comfy.clip_model.CLIPLayer):
             layer.forward = types.MethodType(out_of_place, layer)
-    prompts = [s.prompt for s in world.all_scenes()]
+    prompts, scene_of = captions(world, args.phrasings)
     token_ids = [[t for t, _ in clip.tokenize(p)["l"][0]] for p in prompts + [""]]
+    first_caption = torch.tensor([scene_of.index(i) for i in range(len(world.all_scenes()))])
+    per_scene = torch.bincount(torch.tensor(scene_of))
     # for --caption-swap: each prompt's neighbours, the prompts that differ from it in exactly one attribute
     scenes = world.all_scenes()
     neighbours = torch.tensor([[j for j, o in enumerate(scenes) if sum(a != b for a, b in zip(s.values(), o.values())) == 1]
                                for s in scenes])
     tokens = torch.tensor(token_ids)
     if args.text_pretrain:  # SD's way: the text encoder learns elsewhere first, then stays frozen
-        pretrain_text_encoder(world, encoder, tokens[:-1], args.text_pretrain, args.seed + 4)
+        pretrain_text_encoder(world, encoder, tokens[:-1], scene_of, args.text_pretrain, args.seed + 4)
         encoder.requires_grad_(False)
     params = list(unet.diffusion_model.parameters()) + ([] if args.text_pretrain else list(encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
@@ -224,9 +267,16 @@ def main(argv: list[str] | None = None) -> int:
             swap = torch.rand(len(pick), generator=g) < args.caption_swap
             which[swap] = neighbours[which[swap], torch.randint(0, neighbours.shape[1], (int(swap.sum()),),
                                                                   generator=g)]
-        which[torch.rand(len(pick), generator=g) < 0.1] = len(prompts)  # the empty prompt
+        # one of the scene's phrasings (after any caption swap), or 10% of the time the empty prompt
+        caption = first_caption[which]
+        if args.phrasings > 1:
+            caption = caption + (torch.rand(len(pick), generator=g) * per_scene[which]).long()
+        caption[torch.rand(len(pick), generator=g) < 0.1] = len(prompts)
         with torch.set_grad_enabled(not args.text_pretrain):
-            cond = encoder(tokens[which].tolist())[0]
+            cond = encoder(tokens[caption].tolist())[0]
+        if args.cond_noise > 0:
+            rms = cond.detach().pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+            cond = cond + args.cond_noise * rms * torch.randn(cond.shape, generator=g)
         t = torch.randint(0, len(sigmas), (len(pick),), generator=g)
         sigma = sigmas[t]
         eps = torch.randn(x0.shape, generator=g)
@@ -262,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             "texforce.toy_steps": json.dumps({"vae": args.vae_steps, "unet": args.unet_steps,
                                               "per_scene": args.per_scene, "lr": args.lr,
                                               "ema": args.ema, "caption_swap": args.caption_swap,
-                                              "text_pretrain": args.text_pretrain}),
+                                              "text_pretrain": args.text_pretrain,
+                                              "phrasings": args.phrasings, "cond_noise": args.cond_noise}),
             "modelspec.title": "TexForce toy text-to-image model (64×64, SD 1.x architecture)"}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)

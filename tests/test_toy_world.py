@@ -74,3 +74,24 @@ def test_node_optimizer_steps_set_the_accumulation():
     assert node_accumulation(12, 4, "texforce") == 3  # 3 micro-batches do not split in 2: one step
     with pytest.raises(ConfigError, match="optimizer_steps = 3 does not divide the epoch's 8 micro-batches"):
         node_accumulation(32, 4, "texforce", optimizer_steps=3)
+
+
+def test_build_captions_start_with_each_canonical_prompt_and_phrase_every_attribute():
+    """The toy build's phrasings: the prompt RL and the scorer use comes first, the others are distinct and still
+    name the scene's colour, shape and background (the U-Net must learn the same scene from each)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "build_toy_model.py"
+    spec = importlib.util.spec_from_file_location("texforce_build_toy_model", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    scenes = world.all_scenes()
+    one, index_one = build.captions(world, 1)
+    assert one == [s.prompt for s in scenes] and index_one == list(range(len(scenes)))
+    texts, index = build.captions(world, 8)
+    assert len(texts) == 8 * len(scenes) and index == [i for i in range(len(scenes)) for _ in range(8)]
+    for i, scene in enumerate(scenes):
+        mine = texts[8 * i:8 * i + 8]
+        assert mine[0] == scene.prompt and len(set(mine)) == 8
+        assert all(scene.colour in t and scene.shape in t and scene.background in t for t in mine)
