@@ -72,10 +72,10 @@ def captions(world, phrasings: int) -> tuple[list[str], list[int]]:
     """Every scene's canonical prompt (world.Scene.prompt, what RL and the scorer use) followed by up to
     `phrasings` − 1 other phrasings of it, and the scene index of each caption.
 
-    A U-Net trained on 96 fixed sentences has seen 97 conditioning vectors and nothing between them: any change
-    of the text encoder takes it where it never learned, and every LoRA step hurts (experiments/
-    direction_probe.py). Captions in many phrasings, like the web captions SD learned from, make its response to
-    the conditioning smooth around each prompt.
+    A U-Net trained on 96 fixed sentences has seen 97 conditioning vectors and nothing between them. Captions in
+    many phrasings, like the web captions SD learned from, make its response to the conditioning smoother around
+    each prompt (half the image change under the same random LoRA step). That alone did not make RL on the text
+    encoder learn (README, "Why a step hurts"), so the shipped toy is built with one phrasing.
     """
     scenes = world.all_scenes()
     out, index = [], []
