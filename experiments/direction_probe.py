@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from toy_common import REPO, load, pack_module, sampled_batch
+from toy_common import REPO, load, pack_module, sampled_batch, trained_columns
 
 log = logging.getLogger("texforce.experiments")
 
@@ -34,7 +34,8 @@ def ascent_direction(trainer, host, advantages, train_prompts: list[str], args) 
     for b in range(args.batches):
         prompts, traj = sampled_batch(trainer, train_prompts, gen, args.prompts, args.per_prompt, 5000 + 131 * b)
         traj.advantages = advantages.group_mean_advantages(traj.rewards.float(), prompts)
-        columns = torch.arange(trainer.W).expand(len(prompts), trainer.W)
+        columns = (torch.arange(trainer.W).expand(len(prompts), trainer.W) if traj.stochastic is None
+                   else torch.cat([trained_columns(trainer, traj, j) for j in range(trainer.cfg.sde_steps)], dim=1))
         with torch.inference_mode(False), host.training(), torch.enable_grad():
             trainer.backward_microbatch(traj, torch.arange(len(prompts)), columns, 1.0 / len(prompts))
         for acc, u in zip(halves[b % 2], ups):

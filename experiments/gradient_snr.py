@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from toy_common import REPO, load, pack_module, sampled_batch
+from toy_common import REPO, load, pack_module, sampled_batch, trained_columns
 
 log = logging.getLogger("texforce.experiments")
 
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                  sum(float(strict[i:i + args.per_prompt].min()) < 1 for i in range(0, len(prompts), args.per_prompt)),
                  args.prompts, time.time() - t0)
         per_variant = {name: [] for name in variants}
-        for j in range(trainer.W):
-            columns = torch.full((len(prompts), 1), j, dtype=torch.long)
+        for j in range(trainer.cfg.sde_steps or trainer.W):
+            columns = trained_columns(trainer, traj, j)
             for name, make in variants.items():
                 traj.advantages = make(soft, strict, prompts)
                 with torch.inference_mode(False), host.training(), torch.enable_grad():
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {}
     for name, batches in grads.items():
         total = mean_cosine([g.sum(0) for g in batches])
-        per_step = [mean_cosine([g[j] for g in batches]) for j in range(trainer.W)]
+        per_step = [mean_cosine([g[j] for g in batches]) for j in range(len(batches[0]))]
         norm = float(torch.stack([g.sum(0).norm() for g in batches]).mean())
         result[name] = {"cosine": total, "per_step": per_step, "norm": norm}
         log.info("%-22s cosine between batches %+.3f (|g| %.3g); per step %s", name, total, norm,

@@ -5,6 +5,8 @@ the standard error of the mean difference is small and a change of a few hundred
 """
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import logging
 import sys
@@ -58,11 +60,27 @@ def paired_eval(trainer, world, prompts: list[str], seeds: int, seed: int = EVAL
 
 def sampled_batch(trainer, prompts: list[str], gen: torch.Generator, n_prompts: int, per_prompt: int, seed: int):
     """`n_prompts` prompts drawn from `prompts` by `gen`, `per_prompt` images each, sampled with the trainer's own
-    sampler (no grad, chains kept for the policy gradient): (the batch's prompt list, its Trajectory)."""
+    sampler (no grad, chains kept for the policy gradient): (the batch's prompt list, its Trajectory). With the
+    config's sde_steps > 0, branch sampling as in training: each prompt's group shares its start noise and takes
+    noise only at its drawn steps (the Trajectory's `stochastic` mask)."""
     chosen = [prompts[i] for i in torch.randperm(len(prompts), generator=gen)[:n_prompts]]
     batch = [p for p in chosen for _ in range(per_prompt)]
+    mask, group = None, 1
+    if trainer.cfg.sde_steps:
+        sampling = pack_module("training.sampling")
+        cfg = dataclasses.replace(trainer.cfg, images_per_prompt=per_prompt)
+        mask = sampling.step_mask(sampling.branch_steps(cfg, len(batch), trainer.W, gen), trainer.cfg.num_steps)
+        group = per_prompt
     with torch.inference_mode(False), torch.no_grad():
-        return batch, trainer.sample(batch, seed)
+        return batch, trainer.sample(batch, seed, stochastic=mask, group=group)
+
+
+def trained_columns(trainer, traj, step: int) -> torch.Tensor:
+    """(B, 1) the step index each image is trained at for window step `step`: `step` itself, or with branch
+    sampling its `step`-th stochastic step."""
+    if traj.stochastic is None:
+        return torch.full((len(traj), 1), step, dtype=torch.long)
+    return traj.stochastic.nonzero()[:, 1].reshape(len(traj), -1)[:, step:step + 1]
 
 
 def grid(images_rows: list[torch.Tensor], path: Path, scale: int = 2) -> Path:

@@ -121,3 +121,24 @@ def test_parameterisation_and_space_conversions():
     torch.testing.assert_close(ddim.k_to_vp(x_k, sigma), x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ddim.eps_from_denoised_k(x_k, x0, sigma), eps, rtol=1e-4, atol=1e-4)
     assert math.isclose(float(ddim.sigma_from_abar(0.5)), 1.0, rel_tol=1e-6)
+
+
+def test_per_sample_eta_with_zeros_takes_the_deterministic_step_and_log_prob_zero():
+    """Branch sampling: η 0 for some samples of a batch is plain DDIM (x_prev = the η-0 mean) with log-prob 0 and
+    no gradient; the others are exactly the scalar-η step."""
+    g = torch.Generator().manual_seed(2)
+    s = ddim.ddim_schedule(ddim.scaled_linear_alphas_cumprod(), 20)
+    x, z = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 4, 6, 6, generator=g)
+    eps = torch.randn(3, 4, 6, 6, generator=g, requires_grad=True)
+    eta = torch.tensor([0.0, 1.0, 0.0])
+    prev, lp, _, _ = ddim.ddim_step(x, eps, s.abar_t[4], s.abar_prev[4], eta, noise=z)
+    _, lp1, mean1, _ = ddim.ddim_step(x[1:2], eps[1:2], s.abar_t[4], s.abar_prev[4], 1.0, noise=z[1:2])
+    torch.testing.assert_close(lp[1], lp1[0], rtol=0, atol=0)
+    at, ap = s.abar_t[4], s.abar_prev[4]
+    det = ap.sqrt() * (x - (1 - at).sqrt() * eps) / at.sqrt() + (1 - ap).sqrt() * eps  # DDIM η = 0
+    torch.testing.assert_close(prev[[0, 2]], det[[0, 2]].detach(), rtol=1e-6, atol=1e-6)
+    assert lp[0] == 0 and lp[2] == 0 and torch.isfinite(lp).all()
+    lp.sum().backward()
+    assert eps.grad[[0, 2]].abs().sum() == 0 and eps.grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="≥ 0"):
+        ddim.ddim_step(x, eps, at, ap, torch.tensor([1.0, -1.0, 0.0]), noise=z)

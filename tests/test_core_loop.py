@@ -582,3 +582,50 @@ def test_lr_schedule_is_a_linear_warm_up_then_cosine_as_torchs_schedulers_give_i
         optimizer.step()
         scheduler.step()
     assert used == [cfg.lr * lr_factor(cfg, s) for s in range(total)]
+
+
+def test_branch_sampling_groups_share_their_start_and_differ_only_from_their_stochastic_step(monkeypatch):
+    """sde_steps 1: a group's images start from the same noise and run deterministic DDIM except at one step per
+    group, drawn from the window; they are identical up to that step and not after it. Exactly those steps are
+    trained, the stored log-probs are 0 elsewhere, and the ratio is exactly 1 before the update."""
+    tr = trainer(sde_steps=1, train_window=0.5, images_per_prompt=4, advantage="group_mean")
+    trained = []
+    original = tr.backward_step
+
+    def spy(batch, idx, cols, update=None):
+        trained.append((batch, idx.clone(), cols.clone()))
+        return original(batch, idx, cols, update)
+
+    monkeypatch.setattr(tr, "backward_step", spy)
+    stats = tr.run(1)
+    assert stats[0].ratio_error_before_update == 0.0
+    batch = trained[0][0]
+    mask = batch.stochastic
+    assert mask.shape == (8, 6) and mask.sum(dim=1).eq(1).all() and not mask[:, 3:].any()  # W = 3
+    for g in (0, 4):  # two groups of 4 images (one prompt each)
+        k = int(mask[g].nonzero())
+        assert mask[g:g + 4].eq(mask[g]).all()
+        lat = batch.latents[g:g + 4]
+        for i in range(k + 1):  # latents before and at the branch step's input are the group's
+            assert torch.equal(lat[:, i], lat[:1, i].expand_as(lat[:, i]))
+        assert not torch.equal(lat[0, k + 1], lat[1, k + 1])
+    assert batch.log_probs[~mask].eq(0).all() and batch.log_probs[mask].ne(0).all()
+    for _, idx, cols in trained:
+        assert cols.shape[1] == 1 and torch.equal(cols[:, 0], mask[idx].float().argmax(dim=1))
+
+
+def test_branch_sampling_resumes_exactly(tmp_path):
+    branch = dict(sde_steps=2, advantage="group_mean")
+    straight = trainer(**branch)
+    straight.run(3)
+    Trainer(ToyHost(0), brightness, PROMPTS, make_config("texforce", **{**TINY, **branch}),
+            checkpoint_path=tmp_path / "b.pt").run(2)
+    resumed = ToyHost(0, lora_up_std=1.0)
+    Trainer(resumed, brightness, PROMPTS, make_config("texforce", **{**TINY, **branch}),
+            checkpoint_path=tmp_path / "b.pt").run(3)
+    assert lora_equal(straight.host.lora_state(), resumed.lora_state())
+
+
+def test_sde_steps_must_fit_the_training_window():
+    with pytest.raises(Exception, match="sde_steps = 4 is more than the 3 steps"):
+        trainer(sde_steps=4, train_window=0.5)

@@ -63,6 +63,14 @@ class TrainConfig:
     # out the last, nearly clean steps: there the image is already decided, yet the log-prob gradient is largest
     # (it scales with 1/σ_t), so they dominate the update (Flow-GRPO and DanceGRPO train early steps only).
     train_window: float = 1.0
+    # Branch sampling (MixGRPO / TempFlow-GRPO, with DanceGRPO's shared start noise). 0: every step of the chain
+    # is stochastic (η) and K = timestep_fraction of the window is trained (DDPO). n ≥ 1: the images of a prompt
+    # group start from the same noise and run deterministic DDIM (η 0) except at n steps drawn per group from the
+    # window, where they take η's noise; exactly those n steps are trained (K = n, timestep_fraction unused). A
+    # group's images then differ only by the noise of those steps, so the group baseline removes everything else
+    # and each image's reward difference is credited to the steps that caused it: a far less noisy gradient, for
+    # 1/K of the training cost, on the deterministic sampler users run.
+    sde_steps: int = 0
     # True: the text encoder runs (forward + backward) once per distinct prompt per optimizer step, never more than
     # once per micro-batch (training/update.py StepEncoder); False: again at every trained timestep, the plain
     # reference form. The same gradient up to float rounding; the name predates the per-step encoding.
@@ -182,7 +190,9 @@ def window_steps(cfg: TrainConfig) -> int:
 
 
 def train_timesteps(cfg: TrainConfig) -> int:
-    """K, the number of trained timesteps per image and inner epoch."""
+    """K, the number of trained timesteps per image and inner epoch (the stochastic steps in branch sampling)."""
+    if cfg.sde_steps > 0:
+        return cfg.sde_steps
     return int(round(window_steps(cfg) * cfg.timestep_fraction))
 
 
@@ -234,6 +244,11 @@ def validate(cfg: TrainConfig, schedule_length: int = 1000) -> list[str]:
         errors.append(f"timestep_fraction = {cfg.timestep_fraction} of the {window_steps(cfg)} steps in the training "
                       f"window trains 0 timesteps; raise it to at least {1 / window_steps(cfg):.3g}, widen "
                       "train_window or use more steps")
+    if cfg.sde_steps < 0:
+        errors.append(f"sde_steps = {cfg.sde_steps} must be 0 (every step stochastic) or a count of steps")
+    elif cfg.sde_steps > window_steps(cfg):
+        errors.append(f"sde_steps = {cfg.sde_steps} is more than the {window_steps(cfg)} steps of the training window "
+                      f"(num_steps {cfg.num_steps} × train_window {cfg.train_window}); lower it or widen train_window")
     if ok:
         n = cfg.images_per_epoch
         if n % cfg.sample_batch_size:

@@ -92,7 +92,7 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.Tensor,
-              abar_prev: float | torch.Tensor, eta: float, noise: torch.Tensor | None = None,
+              abar_prev: float | torch.Tensor, eta: float | torch.Tensor, noise: torch.Tensor | None = None,
               prev_sample: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One stochastic DDIM step x_t → x_prev and log p(x_prev | x_t), all in fp32.
@@ -102,8 +102,14 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.Tensor
     hold different timesteps. Returns (prev_sample, log_prob (B,), mean, std); log_prob is the MEAN over
     the non-batch dimensions, which is the scale the PPO clip range 1e-4 is meant for. The gradient flows
     through `eps` (and so through the mean) only; prev_sample is treated as data.
+
+    `eta` may also be a (B,) tensor with zeros (branch sampling): those samples take the deterministic DDIM step
+    (σ 0, prev_sample = mean) and get log-prob 0, which is never trained.
     """
-    if not eta > 0:
+    if isinstance(eta, torch.Tensor):
+        if eta.ndim != 1 or bool((eta < 0).any()):
+            raise ValueError("a per-sample eta must be a (B,) tensor of values ≥ 0")
+    elif not eta > 0:
         raise ValueError(f"eta must be > 0 for a stochastic DDIM step (got {eta}): with eta = 0 the step is "
                          "deterministic, σ = 0 and the log-probability is undefined (NaN). Use eta = 1.")
     if (noise is None) == (prev_sample is None):
@@ -113,12 +119,17 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.Tensor
     at = _per_sample(abar_t, x)
     ap = _per_sample(abar_prev, x)
     x0 = (x - torch.sqrt(1 - at) * e) / torch.sqrt(at)
-    std = eta * torch.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
+    std = _per_sample(eta, x) * torch.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
     direction = torch.sqrt((1 - ap - std ** 2).clamp(min=0)) * e
     mean = torch.sqrt(ap) * x0 + direction
     if prev_sample is None:
         prev_sample = mean + std * noise.to(device=x.device, dtype=torch.float32)
     prev = prev_sample.detach().float()
+    if isinstance(eta, torch.Tensor):
+        safe = torch.where(std > 0, std, torch.ones_like(std))
+        log_prob = -((prev - mean) ** 2) / (2 * safe ** 2) - torch.log(safe) - _LOG_SQRT_2PI
+        log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim))) * (eta.to(log_prob.device) > 0)
+        return prev, log_prob, mean, std
     log_prob = -((prev - mean) ** 2) / (2 * std ** 2) - torch.log(std) - _LOG_SQRT_2PI
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     return prev, log_prob, mean, std

@@ -34,7 +34,7 @@ from .distributed import SingleProcess, shard
 from .host import Host
 from .optim import make_optimizer, optimizer_step
 from .reward import MixedReward, Reward
-from .sampling import Trajectory, chain_log_probs, draw_seed, epoch_prompts, sample
+from .sampling import Trajectory, branch_steps, chain_log_probs, draw_seed, epoch_prompts, sample, step_mask
 from .scoring import combine, combine_without_update, score
 from .stats import EpochStats, log_epoch
 from .update import MicroBatch, UpdateLog, backward_microbatch, backward_step, by_prompt, step_groups
@@ -121,8 +121,13 @@ class Trainer:
                     t0 = time.perf_counter()
                     prompts = epoch_prompts(self.prompts, cfg, self.gen_sample)
                     lo, hi = shard(self.dist, len(prompts))
-                    traj = self.sample(prompts[lo:hi], draw_seed(self.gen_sample), keep=True, offset=lo,
-                                       raw_components=True)
+                    seed = draw_seed(self.gen_sample)
+                    columns = mask = None
+                    if cfg.sde_steps:  # branch sampling: each group's stochastic (= trained) steps
+                        columns = branch_steps(cfg, len(prompts), self.W, self.gen_sample)
+                        mask = step_mask(columns, cfg.num_steps)[lo:hi]
+                    traj = self.sample(prompts[lo:hi], seed, keep=True, offset=lo, raw_components=True,
+                                       stochastic=mask, group=cfg.images_per_prompt if cfg.sde_steps else 1)
                     t1 = time.perf_counter()
 
                     # 2. every rank's rewards → advantages (the same on every rank); NaN/Inf rewards are
@@ -138,7 +143,8 @@ class Trainer:
 
                     # 3. train on a random K of each sample's timesteps, with gradient accumulation
                     with host.training(), torch.enable_grad():
-                        update = self.train_on(batch, offset=int(keep[:lo].sum()), total=int(keep.sum()))
+                        update = self.train_on(batch, offset=int(keep[:lo].sum()), total=int(keep.sum()),
+                                               columns=None if columns is None else columns[keep])
                     t2 = time.perf_counter()
 
                     # 4. a finished epoch: stats, checkpoint, then the caller's hook
@@ -164,17 +170,18 @@ class Trainer:
             self.on_epoch(stats)
 
     def sample(self, prompts: list[str], seed: int, keep: bool = True, offset: int = 0,
-               raw_components: bool = False) -> Trajectory:
+               raw_components: bool = False, stochastic: torch.Tensor | None = None, group: int = 1) -> Trajectory:
         """Denoise, decode and score `prompts` (no grad); see sampling.sample. raw_components: a reward mix's
         per-component scores (B, M) instead of mixed rewards, to combine over the whole epoch."""
         def score_batch(images: torch.Tensor, batch_prompts: list[str]) -> torch.Tensor:
             return score(self.reward_fn, images, batch_prompts, raw_components)
 
         traj, self._reward_seconds = sample(self.host, self.cfg, self._sched, prompts, seed, score_batch, self._poll,
-                                            keep=keep, offset=offset)
+                                            keep=keep, offset=offset, stochastic=stochastic, group=group)
         return traj
 
-    def train_on(self, batch: Trajectory, offset: int = 0, total: int | None = None) -> UpdateLog:
+    def train_on(self, batch: Trajectory, offset: int = 0, total: int | None = None,
+                 columns: torch.Tensor | None = None) -> UpdateLog:
         """One epoch's training on a sampled batch with advantages: num_inner_epochs passes over the epoch's
         samples in random groups of train_batch_size × gradient_accumulation_steps (see `step_groups`), one
         optimizer step per group, each group back-propagated in micro-batches of at most train_batch_size
@@ -184,6 +191,7 @@ class Trainer:
         `total` kept samples of the epoch. The groups and the timesteps are drawn for all `total` samples
         (the same on every rank), each rank back-propagates the members of a group it holds, and the
         gradients are summed over ranks before the step: the same groups, steps and result as one process.
+        `columns` ((total, K), branch sampling): each sample's stochastic steps, trained instead of a random draw.
         Call inside host.training(); `run` does."""
         cfg, n = self.cfg, len(batch)
         total = n if total is None else int(total)
@@ -194,10 +202,11 @@ class Trainer:
             groups = step_groups(total, per_step, self.gen_train)
             # DDPO: a random subset of K timesteps per sample, the j-th column trained at micro-step j
             # (drawn from the first W steps of the chain, the training window)
-            columns = torch.rand(total, self.W, generator=self.gen_train).argsort(dim=1)[:, :self.K]
+            cols = (columns if columns is not None
+                    else torch.rand(total, self.W, generator=self.gen_train).argsort(dim=1)[:, :self.K])
             for group in groups:
                 mine = group[(group >= offset) & (group < offset + n)]
-                self.backward_step(batch, mine - offset, columns[mine], update)
+                self.backward_step(batch, mine - offset, cols[mine], update)
                 self._optimizer_step(update)
         return update.over_ranks(self.dist)
 

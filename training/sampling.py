@@ -31,6 +31,7 @@ class Trajectory:
     images: torch.Tensor  # (B, H, W, C) in 0..1, CPU
     rewards: torch.Tensor  # (B,) fp32, CPU (may hold NaN/Inf until filtered); (B, M) raw components of a mix
     advantages: torch.Tensor | None = None  # (B,) fp32, CPU
+    stochastic: torch.Tensor | None = None  # (B, N) bool, CPU: the steps that took noise (branch sampling); None: all
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -46,7 +47,8 @@ class Trajectory:
             latents=None if self.latents is None else self.latents[dev_idx],
             log_probs=None if self.log_probs is None else self.log_probs[dev_idx],
             images=self.images[idx], rewards=self.rewards[idx],
-            advantages=None if self.advantages is None else self.advantages[idx])
+            advantages=None if self.advantages is None else self.advantages[idx],
+            stochastic=None if self.stochastic is None else self.stochastic[idx])
 
 
 def expand(cond: Cond, batch: int) -> Cond:
@@ -69,11 +71,31 @@ def epoch_prompts(prompts: list[str], cfg: TrainConfig, gen: torch.Generator) ->
     return [prompts[i] for i in order[:groups] for _ in range(cfg.images_per_prompt)]
 
 
+def branch_steps(cfg: TrainConfig, n_images: int, window: int, gen: torch.Generator) -> torch.Tensor:
+    """Branch sampling's stochastic steps: for each group of images_per_prompt consecutive images, sde_steps
+    distinct steps of the first `window`, in random order (the order in which they are trained); (n_images,
+    sde_steps) long, the same for every image of a group."""
+    groups = n_images // cfg.images_per_prompt
+    picks = torch.rand(groups, window, generator=gen).argsort(dim=1)[:, :cfg.sde_steps]
+    return picks.repeat_interleave(cfg.images_per_prompt, dim=0)
+
+
+def step_mask(columns: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """(B, K) step indices → (B, num_steps) bool mask of those steps."""
+    mask = torch.zeros(columns.shape[0], num_steps, dtype=torch.bool)
+    return mask.scatter_(1, columns, True)
+
+
 def sample(host: Host, cfg: TrainConfig, sched: DDIMSchedule, prompts: list[str], seed: int, score: Score,
-           poll: Callable[[], None], keep: bool = True, offset: int = 0) -> tuple[Trajectory, float]:
+           poll: Callable[[], None], keep: bool = True, offset: int = 0,
+           stochastic: torch.Tensor | None = None, group: int = 1) -> tuple[Trajectory, float]:
     """Denoise, decode and score `prompts` (no grad), in batches of sample_batch_size; image i's noise comes
     from a generator seeded seed + offset + i. keep=False: images and rewards only. Returns the trajectory and
-    the seconds spent in `score` (so sampling time can be told apart from reward time)."""
+    the seconds spent in `score` (so sampling time can be told apart from reward time).
+
+    Branch sampling: `stochastic` ((len(prompts), N) bool) says which steps take η's noise, the others are
+    deterministic DDIM; `group` > 1 starts images offset+i of the same group of `group` consecutive images
+    from the same noise (the first member's)."""
     shape = host.latent_shape(cfg.height, cfg.width)
     n, bs, dev = len(prompts), cfg.sample_batch_size, host.device
     lat_parts, lp_parts, images, rewards = [], [], [], []
@@ -90,13 +112,19 @@ def sample(host: Host, cfg: TrainConfig, sched: DDIMSchedule, prompts: list[str]
                 return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
 
             x = noise()
+            if group > 1:  # a group's start noise is its first member's own first draw
+                firsts = [(offset + start + i) // group * group for i in range(b)]
+                x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + f))
+                                 for f in firsts]).to(dev)
+            steps_on = None if stochastic is None else stochastic[start:start + b]
             lats, lps = [x], []
             with host.predictor(host.encode(batch_prompts), expand(uncond1, b), cfg.guidance) as predict:
                 for i in range(len(sched)):
                     poll()
                     eps = predict(x, sched.timesteps[i].expand(b))
+                    eta = cfg.eta if steps_on is None else cfg.eta * steps_on[:, i].float().to(dev)
                     x, lp, _, _ = ddim_step(x, eps, sched.abar_t[i].expand(b), sched.abar_prev[i].expand(b),
-                                            cfg.eta, noise=noise())
+                                            eta, noise=noise())
                     if keep:
                         lats.append(x)
                         lps.append(lp)
@@ -110,7 +138,8 @@ def sample(host: Host, cfg: TrainConfig, sched: DDIMSchedule, prompts: list[str]
             reward_seconds += time.perf_counter() - t0
     traj = Trajectory(prompts=list(prompts), latents=torch.cat(lat_parts) if keep else None,
                       log_probs=torch.cat(lp_parts) if keep else None,
-                      images=torch.cat(images), rewards=torch.cat(rewards))
+                      images=torch.cat(images), rewards=torch.cat(rewards),
+                      stochastic=None if stochastic is None or not keep else stochastic.bool().cpu())
     return traj, reward_seconds
 
 
@@ -124,11 +153,13 @@ def chain_log_probs(host: Host, cfg: TrainConfig, sched: DDIMSchedule, batch: Tr
             prompts = batch.prompts[start:start + cfg.sample_batch_size]
             lat = batch.latents[start:start + len(prompts)]
             b = len(prompts)
+            steps_on = None if batch.stochastic is None else batch.stochastic[start:start + b]
             cols = []
             with host.predictor(host.encode(prompts), expand(uncond1, b), cfg.guidance) as predict:
                 for i in range(len(sched)):
                     eps = predict(lat[:, i], sched.timesteps[i].expand(b))
+                    eta = cfg.eta if steps_on is None else cfg.eta * steps_on[:, i].float().to(lat.device)
                     cols.append(ddim_step(lat[:, i], eps, sched.abar_t[i].expand(b), sched.abar_prev[i].expand(b),
-                                          cfg.eta, prev_sample=lat[:, i + 1])[1])
+                                          eta, prev_sample=lat[:, i + 1])[1])
             out.append(torch.stack(cols, dim=1))
     return torch.cat(out)
