@@ -33,12 +33,16 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def run(seed: int, preset: str, overrides: dict, eval_seeds: int, world, toy, mods) -> dict:
+def run(seed: int, preset: str, overrides: dict, eval_seeds: int, world, toy, mods,
+        phrasing: str = "prompt") -> dict:
     model, clip, vae = toy
     cfg = mods["make_config"](preset, **{"height": 64, "width": 64, "seed": seed, **overrides})
     host = mods["ComfyHost"](model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-    train_prompts = [s.prompt for s in world.training_scenes()]
-    held = [s.prompt for s in world.held_out_scenes()]
+    if phrasing == "rephrased":  # the scenes as the toy never saw them written (world.Scene.phrasings)
+        train_prompts, held = world.rephrased(world.training_scenes()), world.rephrased(world.held_out_scenes())
+    else:
+        train_prompts = [s.prompt for s in world.training_scenes()]
+        held = [s.prompt for s in world.held_out_scenes()]
     trainer = mods["Trainer"](host, mods["ToyAlignmentReward"]("soft"), train_prompts, cfg)
     t0 = time.time()
     with torch.inference_mode(False):
@@ -58,17 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--eval-seeds", type=int, default=8, help="noises per held-out prompt (24 prompts)")
+    parser.add_argument("--eval-seeds", type=int, default=8, help="noises per held-out prompt (24 prompts, or 168 rephrased)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tag", default="texforce_heldout")
     parser.add_argument("--checkpoint", default=None, help="another toy checkpoint file (default: the pack's)")
+    parser.add_argument("--phrasing", choices=("prompt", "rephrased"), default="prompt",
+                        help="prompt: the world's prompts, as the toy learned them; rephrased: the same scenes in the "
+                             "7 other phrasings of world.Scene.phrasings (504 training, 168 held-out prompts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     world, toy, mods = load(args.checkpoint)
     overrides = parse_sets(args.set)
     results = []
     for seed in args.seeds:
-        r = run(seed, args.preset, overrides, args.eval_seeds, world, toy, mods)
+        r = run(seed, args.preset, overrides, args.eval_seeds, world, toy, mods, args.phrasing)
         trainer = r.pop("trainer")
         results.append(r)
         held = [s.prompt for s in world.held_out_scenes()][::3]

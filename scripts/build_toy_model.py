@@ -59,35 +59,18 @@ def render_dataset(world, per_scene: int, seed: int) -> tuple[torch.Tensor, list
     return images, index
 
 
-_POSITION_PHRASES = {"left": ("on the left", "at the left", "on the left side"),
-                     "right": ("on the right", "at the right", "on the right side"),
-                     "top": ("at the top", "on top", "near the top"),
-                     "bottom": ("at the bottom", "near the bottom", "on the bottom")}
-_TEMPLATES = ("a {c} {s} {p}, {b} background", "{c} {s} {p} on a {b} background", "a {s}, {c}, {p}, {b} background",
-              "{b} background with a {c} {s} {p}", "a picture of a {c} {s} {p}, {b} background",
-              "a small {c} {s} {p} on {b}", "{c} {s}, {p}, {b}", "an image of a {c} {s} {p} with a {b} background")
-
-
 def captions(world, phrasings: int) -> tuple[list[str], list[int]]:
     """Every scene's canonical prompt (world.Scene.prompt, what RL and the scorer use) followed by up to
-    `phrasings` − 1 other phrasings of it, and the scene index of each caption.
+    `phrasings` − 1 of its other phrasings (world.Scene.phrasings), and the scene index of each caption.
 
     A U-Net trained on 96 fixed sentences has seen 97 conditioning vectors and nothing between them. Captions in
     many phrasings, like the web captions SD learned from, make its response to the conditioning smoother around
     each prompt (half the image change under the same random LoRA step). That alone did not make RL on the text
     encoder learn (README, "Why a step hurts"), so the shipped toy is built with one phrasing.
     """
-    scenes = world.all_scenes()
     out, index = [], []
-    for i, sc in enumerate(scenes):
-        variants = [sc.prompt]
-        for k, template in enumerate(_TEMPLATES[1:] + _TEMPLATES):
-            if len(variants) >= phrasings:
-                break
-            place = _POSITION_PHRASES[sc.position][k % len(_POSITION_PHRASES[sc.position])]
-            text = template.format(c=sc.colour, s=sc.shape, p=place, b=sc.background)
-            if text not in variants:
-                variants.append(text)
+    for i, sc in enumerate(world.all_scenes()):
+        variants = sc.phrasings()[:phrasings]
         out += variants
         index += [i] * len(variants)
     return out, index

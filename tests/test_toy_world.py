@@ -53,11 +53,20 @@ def test_held_out_combinations_are_a_quarter_and_every_value_is_still_trained():
         assert {s.values()[i] for s in held} == set(values)
 
 
-def test_prompts_parse_back_and_foreign_prompts_are_refused_with_an_example():
+def test_prompts_and_their_phrasings_parse_back_and_foreign_prompts_are_refused_with_an_example():
     for s in world.all_scenes():
         assert world.parse_prompt(s.prompt) == s
         assert world.parse_prompt("  " + s.prompt.upper()) == s
     reward = ToyAlignmentReward()
+    scene = world.all_scenes()[7]
+    for text in scene.phrasings()[1:]:  # the other ways to write it read back as the same scene
+        assert world.parse_prompt(text) == scene
+    canonical = reward(world.render([scene] * 2, torch.Generator().manual_seed(0)), [scene.prompt] * 2)
+    other = reward(world.render([scene] * 2, torch.Generator().manual_seed(0)), scene.phrasings()[1:3])
+    assert torch.equal(canonical, other)
+    held, train = world.rephrased(world.held_out_scenes()), world.rephrased(world.training_scenes())
+    assert len(held) == 24 * 7 and len(train) == 72 * 7 and not set(held) & set(train)
+    assert not {world.parse_prompt(t) for t in held} & {world.parse_prompt(t) for t in train}
     with pytest.raises(ValueError, match="not a toy-world prompt: 'a photo of a cat'.*e.g. 'a red circle"):
         reward(torch.zeros(1, 64, 64, 3), ["a photo of a cat"])
     with pytest.raises(ValueError, match="mode must be"):

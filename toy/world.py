@@ -32,6 +32,14 @@ BACKGROUNDS: dict[str, tuple[float, float, float]] = {"black": (0.06, 0.06, 0.06
 ATTRIBUTES = ("colour", "shape", "position", "background")
 
 _POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+# Other ways to say the same scene (Scene.phrasings), with other words for the place.
+PHRASINGS = ("{c} {s} {p} on a {b} background", "a {s}, {c}, {p}, {b} background",
+             "{b} background with a {c} {s} {p}", "a picture of a {c} {s} {p}, {b} background",
+             "a small {c} {s} {p} on {b}", "{c} {s}, {p}, {b}", "an image of a {c} {s} {p} with a {b} background")
+_OTHER_POSITION_WORDS = {"left": ("on the left", "at the left", "on the left side"),
+                         "right": ("on the right", "at the right", "on the right side"),
+                         "top": ("at the top", "on top", "near the top"),
+                         "bottom": ("at the bottom", "near the bottom", "on the bottom")}
 # object centre (x, y) as fractions of the image, before jitter
 _CENTRES = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
 
@@ -49,6 +57,17 @@ class Scene:
 
     def values(self) -> tuple[str, str, str, str]:
         return self.colour, self.shape, self.position, self.background
+
+    def phrasings(self) -> list[str]:
+        """The prompt first, then the same scene as people also write it (PHRASINGS): the shipped toy learned only
+        the first, so the others are where its text encoder, not its U-Net, falls short."""
+        out = [self.prompt]
+        for k, template in enumerate(PHRASINGS):
+            places = _OTHER_POSITION_WORDS[self.position]
+            text = template.format(c=self.colour, s=self.shape, p=places[k % len(places)], b=self.background)
+            if text not in out:
+                out.append(text)
+        return out
 
 
 def all_scenes() -> list[Scene]:
@@ -77,11 +96,16 @@ def held_out_scenes() -> list[Scene]:
 
 
 def parse_prompt(prompt: str) -> Scene | None:
-    """The scene a prompt names, or None when it is not one of the world's 96 prompts."""
+    """The scene a prompt names (its prompt or one of its phrasings), or None when it names none of the 96."""
     return _BY_PROMPT.get(" ".join(prompt.lower().split()))
 
 
-_BY_PROMPT = {s.prompt: s for s in all_scenes()}
+def rephrased(scenes: list[Scene]) -> list[str]:
+    """Every phrasing but the prompt itself of each scene, scene by scene."""
+    return [text for scene in scenes for text in scene.phrasings()[1:]]
+
+
+_BY_PROMPT = {text: s for s in all_scenes() for text in s.phrasings()}
 
 
 # ----------------------------------------------------------------------------------------------
