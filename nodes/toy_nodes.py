@@ -14,6 +14,8 @@ from ..toy import world
 from .reward_nodes import Reward
 
 _CACHE: dict = {}
+# phrasing setting -> the prompts of a list of scenes
+PHRASING_CHOICES = {"prompt": lambda scenes: [s.prompt for s in scenes], "rephrased": world.rephrased}
 
 
 class TexForceToyCheckpoint(io.ComfyNode):
@@ -28,24 +30,33 @@ class TexForceToyCheckpoint(io.ComfyNode):
                         "top/bottom, on a black or white background, e.g. 'a red circle on the left, white "
                         "background'. Good, not perfect: train it with the TexForce Toy Alignment Reward to see RL "
                         "on the text encoder improve a model in minutes on a CPU.",
-            inputs=[],
+            inputs=[io.Combo.Input("phrasing", options=list(PHRASING_CHOICES), default="prompt", optional=True,
+                                   tooltip="prompt: the prompts as the model learned them (72 training, 24 held "
+                                           "out); it follows them well. rephrased: the same scenes written 7 other "
+                                           "ways ('a circle, red, at the left, black background'; 504 training, "
+                                           "168 held out): the model follows them much worse, because its text "
+                                           "encoder does not carry them to the U-Net as it carries the prompts it "
+                                           "learned. That gap is what training the text encoder can close.")],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(),
                      io.String.Output(display_name="training_prompts",
-                                      tooltip="The 72 prompts meant for training (one per line)."),
+                                      tooltip="The prompts meant for training (one per line)."),
                      io.String.Output(display_name="held_out_prompts",
-                                      tooltip="The 24 attribute combinations kept out of training, to check that "
+                                      tooltip="The attribute combinations kept out of training, to check that "
                                               "what the LoRA learned carries over to prompts it never saw.")],
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
+    def execute(cls, phrasing: str = "prompt") -> io.NodeOutput:
         from ..toy.comfy_model import load_toy
 
+        if phrasing not in PHRASING_CHOICES:
+            raise ValueError(f"phrasing must be one of {', '.join(PHRASING_CHOICES)}, got {phrasing!r}")
         if "toy" not in _CACHE:
             _CACHE["toy"] = load_toy()
         model, clip, vae = _CACHE["toy"]
-        train = "\n".join(s.prompt for s in world.training_scenes())
-        held = "\n".join(s.prompt for s in world.held_out_scenes())
+        prompts = PHRASING_CHOICES[phrasing]
+        train = "\n".join(prompts(world.training_scenes()))
+        held = "\n".join(prompts(world.held_out_scenes()))
         return io.NodeOutput(model.clone(), clip.clone(), vae, train, held)
 
 

@@ -88,13 +88,14 @@ def node_accumulation(images_per_epoch: int, batch_size: int, preset: str, optim
 def node_config(*, preset: str, epochs: int, images_per_epoch: int, images_per_prompt: int, batch_size: int,
                 width: int, height: int, steps: int, guidance: float, eta: float, learning_rate: float,
                 lora_rank: int, kl_weight: float, advantage: str, seed: int, optimizer_steps: int = 0,
-                native_size: Callable[[], int]) -> TrainConfig:
+                sde_steps: int = -1, native_size: Callable[[], int]) -> TrainConfig:
     """The run's settings from the node's widgets, every rule in one place. Widgets override the preset; four
     keep a special value that saved workflows rely on, meaning "the preset's" or "the model's":
     - width / height 0: the model family's native size (`native_size()`, asked only then);
     - kl_weight −1: the preset's β (dpok's 0.01, 0 for the others);
     - advantage "preset": the preset's advantage mode;
-    - optimizer_steps 0: the preset's optimizer steps per epoch, as gradient accumulation (node_accumulation).
+    - optimizer_steps 0: the preset's optimizer steps per epoch, as gradient accumulation (node_accumulation);
+    - sde_steps −1: the preset's branch sampling (0 = every step stochastic).
     batch_size is both the sampling batch and the training micro-batch (memory only); lora_alpha is the rank."""
     if not width or not height:
         size = native_size()
@@ -109,6 +110,8 @@ def node_config(*, preset: str, epochs: int, images_per_epoch: int, images_per_p
         overrides["kl_weight"] = kl_weight
     if advantage != "preset":
         overrides["advantage"] = advantage
+    if sde_steps >= 0:
+        overrides["sde_steps"] = sde_steps
     return make_config(preset, **overrides)
 
 
@@ -203,6 +206,13 @@ class TexForceTrain(io.ComfyNode):
                                      "split into this many gradient-accumulation groups. 0 = the preset's (2; "
                                      "fast: 4). More steps learn faster per sample, with noisier steps; it must "
                                      "divide images_per_epoch / batch_size."),
+                io.Int.Input("sde_steps", default=-1, min=-1, max=1000, optional=True,
+                             tooltip="Branch sampling: 0 = every DDIM step takes noise and half the window's steps "
+                                     "are trained (DDPO, TexForce). n ≥ 1 = the images of a prompt start from the "
+                                     "same noise and take noise at only n steps (drawn per prompt), which are the "
+                                     "trained ones: their reward differences are then caused by those steps "
+                                     "alone, a much less noisy signal, and training costs n steps per image. "
+                                     "-1 = the preset's (fast: 1, others 0)."),
                 io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_CHOICES), default="auto",
                                optional=True,
                                tooltip="Recompute the U-Net's layers during backward instead of keeping their "
@@ -225,7 +235,7 @@ class TexForceTrain(io.ComfyNode):
                 images_per_prompt: int, batch_size: int, width: int, height: int, steps: int, guidance: float,
                 eta: float, learning_rate: float, lora_rank: int, kl_weight: float, advantage: str, seed: int,
                 lora_name: str, resume: bool, text_encoders: str = "all", optimizer_steps: int = 0,
-                gradient_checkpointing: str = "auto") -> io.NodeOutput:
+                gradient_checkpointing: str = "auto", sde_steps: int = -1) -> io.NodeOutput:
         prompt_list = _prompt_list(prompts)
         if text_encoders not in ENCODER_CHOICES:
             raise ConfigError(f"text_encoders must be one of {', '.join(ENCODER_CHOICES)}, got {text_encoders!r}")
@@ -236,7 +246,7 @@ class TexForceTrain(io.ComfyNode):
                           images_per_prompt=images_per_prompt, batch_size=batch_size, width=width, height=height,
                           steps=steps, guidance=guidance, eta=eta, learning_rate=learning_rate, lora_rank=lora_rank,
                           kl_weight=kl_weight, advantage=advantage, seed=seed, optimizer_steps=optimizer_steps,
-                          native_size=lambda: native_resolution(model))
+                          sde_steps=sde_steps, native_size=lambda: native_resolution(model))
         files = RunFiles(lora=save_path(lora_name, LORA_SUBFOLDER), folder=run_dir(lora_name))
         lora_path = files.lora
         if not resume and (lora_path.exists() or files.checkpoint.exists()):

@@ -104,3 +104,16 @@ def test_build_captions_start_with_each_canonical_prompt_and_phrase_every_attrib
         mine = texts[8 * i:8 * i + 8]
         assert mine[0] == scene.prompt and len(set(mine)) == 8
         assert all(scene.colour in t and scene.shape in t and scene.background in t for t in mine)
+
+
+def test_toy_checkpoint_node_gives_the_prompts_or_their_other_phrasings():
+    from texforce_pack.nodes.toy_nodes import TexForceToyCheckpoint
+
+    out = TexForceToyCheckpoint.execute().result
+    assert out[3].splitlines() == [s.prompt for s in world.training_scenes()]
+    assert out[4].splitlines() == [s.prompt for s in world.held_out_scenes()]
+    out = TexForceToyCheckpoint.execute(phrasing="rephrased").result
+    assert out[3].splitlines() == world.rephrased(world.training_scenes())
+    assert out[4].splitlines() == world.rephrased(world.held_out_scenes())
+    with pytest.raises(ValueError, match="phrasing must be one of prompt, rephrased"):
+        TexForceToyCheckpoint.execute(phrasing="casual")

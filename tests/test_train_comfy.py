@@ -349,6 +349,11 @@ def test_node_widgets_zero_and_minus_one_mean_the_presets_and_the_models_values(
                                     "optimizer_steps": 8}, native_size=never)
     assert (cfg.width, cfg.height, cfg.kl_weight, cfg.advantage) == (128, 256, 0.0, "group")
     assert cfg.gradient_accumulation_steps == 1
+    assert cfg.sde_steps == 0  # sde_steps −1 (the default): the preset's
+    fast = {**widgets, "preset": "fast", "width": 64}
+    assert train_node.node_config(**fast, native_size=never).sde_steps == config.make_config("fast").sde_steps
+    assert train_node.node_config(**fast, sde_steps=0, native_size=never).sde_steps == 0
+    assert train_node.node_config(**fast, sde_steps=2, native_size=never).sde_steps == 2
 
 
 def test_gradient_checkpointing_gives_the_same_gradient_and_leaves_the_unet_as_it_was(monkeypatch):
