@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-prompt", type=int, default=8, help="images per prompt")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tag", default="gradient_snr")
+    parser.add_argument("--phrasing", choices=("prompt", "rephrased"), default="prompt",
+                        help="the training scenes' prompts, or their other phrasings (world.rephrased)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     world, (model, clip, vae), mods = load(args.checkpoint)
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
     cfg = mods["make_config"]("fast", height=64, width=64, **overrides)
     host = mods["ComfyHost"](model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-    train_prompts = [s.prompt for s in world.training_scenes()]
+    train_prompts = ([s.prompt for s in world.training_scenes()] if args.phrasing == "prompt"
+                     else world.rephrased(world.training_scenes()))
     trainer = mods["Trainer"](host, mods["ToyAlignmentReward"]("soft"), train_prompts, cfg)
     params = trainer.params
     variants = {

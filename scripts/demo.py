@@ -37,8 +37,12 @@ STATE_FILE = "demo_server.json"  # in the base directory: the server this demo l
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40, help="training epochs (about 12 s each on 2 CPU cores)")
-    parser.add_argument("--images-per-prompt", type=int, default=16,
-                        help="noises per held-out prompt in the before/after comparison (24 prompts)")
+    parser.add_argument("--images-per-prompt", type=int, default=None,
+                        help="noises per held-out prompt in the before/after comparison (default: 16 for the 24 "
+                             "prompts, 4 for the 168 rephrased ones)")
+    parser.add_argument("--phrasing", choices=("prompt", "rephrased"), default="rephrased",
+                        help="the toy's prompts as it learned them (it already follows them: little to gain) or the "
+                             "same scenes written other ways (TexForce Toy Checkpoint's phrasing)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the comparison's noise stays fixed)")
     parser.add_argument("--result", type=Path, default=None,
                         help="also write the numbers (comparison, reward per epoch, seconds) to this JSON file")
@@ -105,10 +109,10 @@ TRAIN = {"preset": "fast", "images_per_epoch": 64, "images_per_prompt": 8, "batc
          "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all"}
 
 
-def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0) -> dict:
-    """Train on the toy's 72 training prompts, then compare the CLIP before and after on its 24 held-out ones."""
+def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0, phrasing: str = "rephrased") -> dict:
+    """Train on the toy's training prompts, then compare the CLIP before and after on its held-out combinations."""
     return {
-        "toy": {"class_type": "TexForceToyCheckpoint", "inputs": {}},
+        "toy": {"class_type": "TexForceToyCheckpoint", "inputs": {"phrasing": phrasing}},
         "reward": {"class_type": "TexForceToyAlignmentReward", "inputs": {"mode": "soft"}},
         "train": {"class_type": "TexForceTrain", "inputs": {
             **TRAIN, "model": ["toy", 0], "clip": ["toy", 1], "vae": ["toy", 2], "reward": ["reward", 0],
@@ -136,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
     server = start_demo_server(args.base, args.port)
     client = ComfyClient(server.url)
+    held_out = 24 if args.phrasing == "prompt" else 168
+    images_per_prompt = args.images_per_prompt or (16 if args.phrasing == "prompt" else 4)
     try:
         t0 = time.time()
         log.info("training %s on the embedded toy model for %d epochs (toy alignment reward, preset fast; about "
                  "15 s an epoch on 2 CPU cores), then comparing before/after on %d held-out prompts × %d noises ...",
-                 name, args.epochs, 24, args.images_per_prompt)
-        entry = client.run(workflow(name, args.epochs, args.images_per_prompt, args.seed), timeout=3600,
+                 name, args.epochs, held_out, images_per_prompt)
+        entry = client.run(workflow(name, args.epochs, images_per_prompt, args.seed, args.phrasing), timeout=3600,
                            progress=RunProgress(client, name))
         seconds = time.time() - t0
         out = entry["outputs"]
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                  result["before"], result["after"], result["diff"], result["se"], result["z"])
         if args.result:
             args.result.parent.mkdir(parents=True, exist_ok=True)
-            args.result.write_text(json.dumps({"seed": args.seed, "epochs": args.epochs, "seconds": round(seconds, 1),
+            args.result.write_text(json.dumps({"seed": args.seed, "epochs": args.epochs, "phrasing": args.phrasing,
+                                               "seconds": round(seconds, 1),
                                                "held_out": result, "reward_per_epoch": [h["reward_mean"] for h in history]},
                                               indent=1))
         log.info("\nComfyUI is still running at %s (pid %d); open it to see the workflow's nodes; stop it with: "

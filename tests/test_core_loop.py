@@ -205,6 +205,9 @@ def test_a_step_split_over_ranks_sums_to_the_one_process_gradient():
     ("texforce", {"loss": "sf", "gradient_accumulation_steps": 4, "advantage": "batch"}),  # DDPO-SF
     ("dpok", {}),
     ("texforce", {"num_inner_epochs": 2, "lr_schedule": "constant", "warmup_fraction": 0.2}),
+    ("fast", {"loss": "rwr", "sde_steps": 1, "advantage": "group_mean", "images_per_prompt": 4,
+              "sample_batch_size": 4, "train_batch_size": 2}),
+    ("dpok", {"loss": "rwr"}),
 ])
 def test_each_loss_and_advantage_mode_trains(preset, overrides):
     host = ToyHost(0)
@@ -624,6 +627,21 @@ def test_branch_sampling_resumes_exactly(tmp_path):
     Trainer(resumed, brightness, PROMPTS, make_config("texforce", **{**TINY, **branch}),
             checkpoint_path=tmp_path / "b.pt").run(3)
     assert lora_equal(straight.host.lora_state(), resumed.lora_state())
+
+
+def test_rwr_gradient_pulls_the_prediction_towards_the_better_images_of_a_group():
+    """losses.regression_loss at a shared x_t with advantages summing to 0: the gradient with respect to the
+    prediction is −Σ A·x0 / D, whatever the prediction is."""
+    from texforce_pack.training.losses import regression_loss
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, 3, 3, generator=g)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for start in (torch.zeros(1, 2, 3, 3), torch.randn(1, 2, 3, 3, generator=g)):
+        pred = start.expand(4, -1, -1, -1).clone().requires_grad_(True)
+        regression_loss(pred, x0, adv, 5.0).loss.backward()
+        shared = pred.grad.sum(0)
+        torch.testing.assert_close(shared, -(adv[:, None, None, None] * x0).sum(0) / (4 * 18))
 
 
 def test_sde_steps_must_fit_the_training_window():

@@ -26,7 +26,7 @@ from .ddim import max_ddim_steps
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("ppo", "sf")
+LOSSES = ("ppo", "sf", "rwr")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -77,7 +77,9 @@ class TrainConfig:
     encode_once_per_microbatch: bool = True
 
     # --- objective --------------------------------------------------------------------------------
-    loss: str = "ppo"  # "ppo" (DDPO-IS, several steps per epoch) or "sf" (DDPO-SF, one step per epoch)
+    # "ppo" (DDPO-IS, several steps per epoch), "sf" (DDPO-SF, one step per epoch) or "rwr" (reward-weighted
+    # regression of the clean-image prediction at the trained steps on where each chain ended; losses.regression_loss)
+    loss: str = "ppo"
     clip_range: float = 1e-4  # PPO ε; tied to log-probs being means over latent elements
     adv_clip_max: float = 5.0  # advantages clipped to ±this in the loss
     kl_weight: float = 0.0  # DPOK β; > 0 costs one extra no-grad encoder + denoiser pass per trained step

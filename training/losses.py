@@ -58,6 +58,24 @@ def sf_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torc
     return PolicyLoss(loss, approx_kl, clipfrac, ratio.detach())
 
 
+def regression_loss(x0_pred: torch.Tensor, x0: torch.Tensor, advantages: torch.Tensor, adv_clip_max: float
+                    ) -> PolicyLoss:
+    """Reward-weighted regression (RWR, Peters & Schaal 2007; Lee et al. 2023 for text-to-image) on the model's own
+    chain: L = mean A'·‖x̂0(x_t) − x0‖²/2 over latent elements, x̂0 the model's clean-image prediction at a stored
+    x_t of the chain and x0 the image that chain ended in.
+
+    Its gradient A'(x̂0 − x0)·∇x̂0 points the prediction towards images that scored above their baseline and away
+    from those below. Where a prompt group shares x_t (branch sampling) and its advantages sum to 0, x̂0 cancels and
+    the group's gradient is −Σ A'x0·∇x̂0: the difference between its better and worse images, which lies in the
+    few directions the images actually differ in, not in the isotropic step noise the policy gradient is made of.
+    No importance ratio: the diagnostics are 0 and the ratios 1.
+    """
+    adv = advantages.float().clamp(-adv_clip_max, adv_clip_max)
+    per = ((x0_pred.float() - x0.detach().float()) ** 2).mean(dim=tuple(range(1, x0.ndim))) / 2
+    zero = torch.zeros((), device=per.device)
+    return PolicyLoss(torch.mean(adv * per), zero, zero, torch.ones_like(per).detach())
+
+
 def dpok_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """DPOK's KL penalty for one denoising step: KL(N(μ_θ, σ_t²) ‖ N(μ_ref, σ_t²)) = (μ_θ − μ_ref)²/(2σ_t²).
 

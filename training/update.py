@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .ddim import DDIMSchedule, ddim_step
 from .distributed import Group
 from .host import Cond, Host, Predict
-from .losses import PolicyLoss, dpok_kl, ppo_clip_loss, sf_loss
+from .losses import PolicyLoss, dpok_kl, ppo_clip_loss, regression_loss, sf_loss
 from .sampling import Trajectory, expand
 
 
@@ -157,8 +157,14 @@ def timestep_backward(predict: Predict, cfg: TrainConfig, sched: DDIMSchedule, m
     x, x_next, old, c = mb.transition(j)
     eps = predict(x, sched.timesteps[c])
     _, log_prob, mean, std = ddim_step(x, eps, sched.abar_t[c], sched.abar_prev[c], cfg.eta, prev_sample=x_next)
-    out = (ppo_clip_loss(log_prob, old, mb.advantages, cfg.clip_range, cfg.adv_clip_max) if cfg.loss == "ppo"
-           else sf_loss(log_prob, old, mb.advantages, cfg.adv_clip_max, cfg.clip_range))
+    if cfg.loss == "rwr":  # regress the clean-image prediction at x_t on where each chain ended (x0 in VP space)
+        abar = sched.abar_t[c].to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        x0_pred = (x.float() - torch.sqrt(1 - abar) * eps.float()) / torch.sqrt(abar)
+        out = regression_loss(x0_pred, mb.latents[:, -1], mb.advantages, cfg.adv_clip_max)
+    elif cfg.loss == "ppo":
+        out = ppo_clip_loss(log_prob, old, mb.advantages, cfg.clip_range, cfg.adv_clip_max)
+    else:
+        out = sf_loss(log_prob, old, mb.advantages, cfg.adv_clip_max, cfg.clip_range)
     kl = dpok_kl(mean, mean_ref[j], std) if mean_ref else None
     loss = out.loss if kl is None else out.loss + cfg.kl_weight * kl
     (loss * scale).backward()
