@@ -206,13 +206,6 @@ class TexForceTrain(io.ComfyNode):
                                      "split into this many gradient-accumulation groups. 0 = the preset's (2; "
                                      "fast: 4). More steps learn faster per sample, with noisier steps; it must "
                                      "divide images_per_epoch / batch_size."),
-                io.Int.Input("sde_steps", default=-1, min=-1, max=1000, optional=True,
-                             tooltip="Branch sampling: 0 = every DDIM step takes noise and half the window's steps "
-                                     "are trained (DDPO, TexForce). n ≥ 1 = the images of a prompt start from the "
-                                     "same noise and take noise at only n steps (drawn per prompt), which are the "
-                                     "trained ones: their reward differences are then caused by those steps "
-                                     "alone, a much less noisy signal, and training costs n steps per image. "
-                                     "-1 = the preset's (fast: 1, others 0)."),
                 io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_CHOICES), default="auto",
                                optional=True,
                                tooltip="Recompute the U-Net's layers during backward instead of keeping their "
@@ -220,6 +213,13 @@ class TexForceTrain(io.ComfyNode):
                                        "U-Net forward of time; the same gradient. auto = on on a GPU, off on the "
                                        "CPU. Before the first epoch the run's memory is estimated and a run that "
                                        "cannot fit is refused, saying what to lower."),
+                io.Int.Input("sde_steps", default=-1, min=-1, max=1000, optional=True,
+                             tooltip="Branch sampling: 0 = every DDIM step takes noise and half the window's steps "
+                                     "are trained (DDPO, TexForce). n ≥ 1 = the images of a prompt start from the "
+                                     "same noise and take noise at only n steps (drawn per prompt), which are the "
+                                     "trained ones: their reward differences are then caused by those steps "
+                                     "alone, a much less noisy signal, and training costs n steps per image. "
+                                     "-1 = the preset's (fast: 1, others 0)."),
             ],
             outputs=[
                 io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied."),

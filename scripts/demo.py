@@ -109,7 +109,7 @@ TRAIN = {"preset": "fast", "images_per_epoch": 64, "images_per_prompt": 8, "batc
          "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all"}
 
 
-def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0, phrasing: str = "rephrased") -> dict:
+def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0, phrasing: str = "prompt") -> dict:
     """Train on the toy's training prompts, then compare the CLIP before and after on its held-out combinations."""
     return {
         "toy": {"class_type": "TexForceToyCheckpoint", "inputs": {"phrasing": phrasing}},

@@ -59,7 +59,8 @@ def test_train_through_the_server_leaves_a_strong_model_no_worse_on_held_out_pro
     spec = importlib.util.spec_from_file_location("texforce_demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    entry = server.run(demo.workflow("toy_learning", epochs=40, images_per_prompt=32, seed=0), timeout=2400)
+    entry = server.run(demo.workflow("toy_learning", epochs=40, images_per_prompt=32, seed=0, phrasing="prompt"),
+                       timeout=2400)
     assert entry["status"]["status_str"] == "success"
     result = entry["outputs"]["compare"]["texforce_compare"][0]
     assert result["n"] == 768 and result["prompts"] == 24 and result["reward"] == "toy_alignment_soft"
