@@ -219,7 +219,7 @@ class TexForceTrain(io.ComfyNode):
                                      "same noise and take noise at only n steps (drawn per prompt), which are the "
                                      "trained ones: their reward differences are then caused by those steps "
                                      "alone, a much less noisy signal, and training costs n steps per image. "
-                                     "-1 = the preset's (fast: 1, others 0)."),
+                                     "-1 = the preset's (fast: 1, the papers' presets: 0)."),
             ],
             outputs=[
                 io.Clip.Output(display_name="CLIP", tooltip="The input CLIP with the trained LoRA applied."),

@@ -102,11 +102,13 @@ from comfy_server import RunProgress  # noqa: E402
 
 EVAL_SEED = 1234
 # TexForce Train on the toy with the `fast` preset's values: 20 steps, 64 images per epoch (8 prompts × 8,
-# group_mean advantages), micro-batches of 16 (4 optimizer steps per epoch), learning rate 3e-4 (README: "What
-# training does to a pretrained model")
+# group_mean advantages), branch sampling at one step with reward-weighted regression (sde_steps 1, loss rwr),
+# micro-batches of 16 (4 optimizer steps per epoch), learning rate 1e-3, LoRA rank 16 (README: "What training does
+# to a pretrained model")
 TRAIN = {"preset": "fast", "images_per_epoch": 64, "images_per_prompt": 8, "batch_size": 16, "width": 0, "height": 0,
-         "steps": 20, "guidance": 5.0, "eta": 1.0, "learning_rate": 3e-4, "lora_rank": 8, "kl_weight": -1.0,
-         "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all"}
+         "steps": 20, "guidance": 5.0, "eta": 1.0, "learning_rate": 1e-3, "lora_rank": 16, "kl_weight": -1.0,
+         "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all",
+         "sde_steps": -1}
 
 
 def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0, phrasing: str = "prompt") -> dict:

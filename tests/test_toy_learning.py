@@ -1,8 +1,9 @@
 """RL on the text encoder of a real pretrained model: the embedded toy checkpoint.
 
-The shipped model follows its prompts well but not perfectly; TexForce Train with the `fast` preset, through a
-real ComfyUI server, does not make it worse on prompt combinations it never trained on, measured paired (same
-noise, CLIP before and after) by TexForce Compare. About 13 minutes on 2 CPU cores.
+The shipped model follows the prompts it learned well, and the same scenes written other ways badly: its text
+encoder, not its U-Net, falls short there. TexForce Train with the `fast` preset, through a real ComfyUI server,
+raises alignment on rephrased prompt combinations it never trained on, measured paired (same noise, CLIP before
+and after) by TexForce Compare. About 10 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from texforce_pack.toy.comfy_model import load_toy
 from texforce_pack.training.config import make_config
 from texforce_pack.training.hosts.comfy import ComfyHost
 from texforce_pack.training.loop import Trainer
+
+# held-out alignment must rise by more than this many paired standard errors (seed 0 through the node: +6.0)
+MARGIN = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +47,14 @@ def test_the_shipped_toy_model_is_good_but_not_perfect(toy):
     assert float(other.mean()) < float(soft.mean()) - 0.15, float(other.mean())  # measured ≈ 0.6
 
 
-@pytest.mark.timeout(2400)  # ≈ 13 min on 2 idle cores; more on a busy machine
-def test_train_through_the_server_leaves_a_strong_model_no_worse_on_held_out_prompts(server):
-    """make demo's workflow as it ships (toy checkpoint → TexForce Train, `fast` preset, 40 epochs × 64 images on
-    the 72 training prompts → TexForce Compare on the 24 held-out prompts × 32 noises), seed 0, in a real ComfyUI.
-
-    What this pins is the step-size fix, not learning: the earlier `fast` (group z-scores, lr 1e-2) cut the toy's
-    held-out alignment by 9.6 paired standard errors; the shipped one must not lower it. Measured through
-    `scripts/demo.py --seed 0/1/2`: +3.3, −0.3, +0.6 standard errors, so a rise is not yet reliable (README, "What
-    training does to a pretrained model"). The LoRA, grid and reward curve are written where the demo says."""
+@pytest.mark.timeout(2400)  # ≈ 10 min on 2 idle cores; more on a busy machine
+def test_train_through_the_server_improves_held_out_prompts(server):
+    """make demo's workflow as it ships (toy checkpoint with its rephrased prompts → TexForce Train, `fast` preset,
+    40 epochs × 64 images on the 504 training prompts → TexForce Compare on the 168 held-out ones × 4 noises), seed
+    0, in a real ComfyUI: held-out alignment rises by more than MARGIN paired standard errors (README, "What
+    training does to a pretrained model"). The previous `fast` (PPO at every stochastic step) gave −0.4 standard
+    errors on these prompts through the Python API. The LoRA, grid and reward curve are written where the demo
+    says."""
     import importlib.util
 
     from conftest import REPO
@@ -59,12 +62,12 @@ def test_train_through_the_server_leaves_a_strong_model_no_worse_on_held_out_pro
     spec = importlib.util.spec_from_file_location("texforce_demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    entry = server.run(demo.workflow("toy_learning", epochs=40, images_per_prompt=32, seed=0, phrasing="prompt"),
+    entry = server.run(demo.workflow("toy_learning", epochs=40, images_per_prompt=4, seed=0, phrasing="rephrased"),
                        timeout=2400)
     assert entry["status"]["status_str"] == "success"
     result = entry["outputs"]["compare"]["texforce_compare"][0]
-    assert result["n"] == 768 and result["prompts"] == 24 and result["reward"] == "toy_alignment_soft"
-    assert result["z"] > -2.0 and result["diff"] > -0.002, result  # lr 1e-2: −9.6 SE, −0.052
+    assert result["n"] == 672 and result["prompts"] == 168 and result["reward"] == "toy_alignment_soft"
+    assert result["z"] > MARGIN and result["diff"] > 0.01, result
     lora = server.base / "models" / "loras" / "texforce" / "toy_learning.safetensors"
     assert lora.is_file()
     for node in ("grid", "curve"):
