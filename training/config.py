@@ -134,7 +134,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   ≈ 1/7,600 signal to noise on the toy);
     # - 4 optimizer steps per epoch (micro-batches of 16, no accumulation), lr 1e-3 over 40 epochs. On prompts
     #   the toy follows badly (rephrased) this raised held-out alignment by 3.5 paired standard errors where the
-    #   previous fast (PPO on every stochastic step, lr 3e-4) gave −0.4 and PPO with branch sampling +1.9.
+    #   previous fast (PPO on every stochastic step, lr 3e-4) gave −0.4 and PPO with branch sampling +1.9 and −0.6
+    #   (seeds 0, 1); through the node, seeds 0–2: see the README.
     "fast": {"num_steps": 20, "train_window": 0.6, "timestep_fraction": 0.5, "images_per_epoch": 64,
              "images_per_prompt": 8, "sample_batch_size": 32, "train_batch_size": 16, "gradient_accumulation_steps": 1,
              "advantage": "group_mean", "lr": 1e-3, "clip_range": 1e-3, "epochs": 40, "sde_steps": 1, "loss": "rwr"},
