@@ -250,8 +250,8 @@ def test_training_example_draws_the_live_chart_and_redraws_it_after_a_reload(pag
     assert state["run"] == run and state["status"] == "idle" and state["points"] == 0
     # the chart widget is not an input: not in the saved workflow, not in the prompt
     saved = page.evaluate("() => app.graph._nodes.find(n => n.type === 'TexForceTrain').serialize().widgets_values")
-    # ..., text_encoders, optimizer_steps, gradient_checkpointing
-    assert len(saved) == 21 and saved[-5:] == [run, True, "all", 0, "auto"]
+    # ..., text_encoders, optimizer_steps, gradient_checkpointing, sde_steps
+    assert len(saved) == 22 and saved[-6:] == [run, True, "all", 0, "auto", -1]
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     (train,) = [n for n in prompt.values() if n["class_type"] == "TexForceTrain"]
     assert "texforce_chart" not in train["inputs"] and train["inputs"]["epochs"] == 3
