@@ -6,7 +6,6 @@ the standard error of the mean difference is small and a change of a few hundred
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 import logging
 import sys

@@ -125,13 +125,11 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.Tensor
     if prev_sample is None:
         prev_sample = mean + std * noise.to(device=x.device, dtype=torch.float32)
     prev = prev_sample.detach().float()
-    if isinstance(eta, torch.Tensor):
-        safe = torch.where(std > 0, std, torch.ones_like(std))
-        log_prob = -((prev - mean) ** 2) / (2 * safe ** 2) - torch.log(safe) - _LOG_SQRT_2PI
-        log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim))) * (eta.to(log_prob.device) > 0)
-        return prev, log_prob, mean, std
-    log_prob = -((prev - mean) ** 2) / (2 * std ** 2) - torch.log(std) - _LOG_SQRT_2PI
+    sd = torch.where(std > 0, std, torch.ones_like(std))  # σ 0 (a deterministic sample): scored as 0 below
+    log_prob = -((prev - mean) ** 2) / (2 * sd ** 2) - torch.log(sd) - _LOG_SQRT_2PI
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    if isinstance(eta, torch.Tensor):
+        log_prob = log_prob * (eta.to(log_prob.device) > 0)
     return prev, log_prob, mean, std
 
 
