@@ -2,6 +2,7 @@
 combinations it never trained on.
 
     <venv python> experiments/texforce_heldout.py [--preset fast] [--seeds 0 1 2] [--set key=value ...]
+        [--reward alignment | jpeg | alignment+diversity=W] [--save-lora DIR]
 
 Trains a LoRA on the 72 training prompts of the toy world with the toy alignment reward, then samples the 24
 held-out combinations and the training prompts on fixed noise with the LoRA off and on (paired), and prints the
@@ -13,10 +14,11 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
-from toy_common import REPO, grid, load, paired_eval
+from toy_common import REPO, grid, load, pack_module, paired_eval
 
 log = logging.getLogger("texforce.experiments")
 
@@ -33,8 +35,23 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def make_reward(spec: str, mods):
+    """alignment (the toy's soft alignment), jpeg (compressibility: −kB), or alignment+diversity=W: the alignment
+    mixed with the batch's pixel diversity at weight W (rewards/mix.py standardises each)."""
+    alignment = mods["ToyAlignmentReward"]("soft")
+    if spec == "alignment":
+        return alignment
+    if spec == "jpeg":
+        return pack_module("rewards.jpeg").JpegReward("compressibility")
+    if spec.startswith("alignment+diversity="):
+        weight = float(spec.partition("=")[2])
+        diversity = pack_module("rewards.diversity").DiversityReward()
+        return pack_module("rewards.mix").RewardMix([alignment, diversity], [1.0, weight])
+    raise SystemExit(f"--reward {spec!r}: expected alignment, jpeg or alignment+diversity=W")
+
+
 def run(seed: int, preset: str, overrides: dict, eval_seeds: int, world, toy, mods,
-        phrasing: str = "prompt") -> dict:
+        phrasing: str = "prompt", reward: str = "alignment") -> dict:
     model, clip, vae = toy
     cfg = mods["make_config"](preset, **{"height": 64, "width": 64, "seed": seed, **overrides})
     host = mods["ComfyHost"](model, clip, vae, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
@@ -43,7 +60,7 @@ def run(seed: int, preset: str, overrides: dict, eval_seeds: int, world, toy, mo
     else:
         train_prompts = [s.prompt for s in world.training_scenes()]
         held = [s.prompt for s in world.held_out_scenes()]
-    trainer = mods["Trainer"](host, mods["ToyAlignmentReward"]("soft"), train_prompts, cfg)
+    trainer = mods["Trainer"](host, make_reward(reward, mods), train_prompts, cfg)
     t0 = time.time()
     with torch.inference_mode(False):
         trainer.run()
@@ -66,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tag", default="texforce_heldout")
     parser.add_argument("--checkpoint", default=None, help="another toy checkpoint file (default: the pack's)")
+    parser.add_argument("--reward", default="alignment",
+                        help="alignment, jpeg (compressibility) or alignment+diversity=W (see make_reward)")
+    parser.add_argument("--save-lora", type=Path, default=None,
+                        help="save each seed's LoRA to DIR/<tag>_seed<N>.safetensors (kohya, as the node writes)")
     parser.add_argument("--phrasing", choices=("prompt", "rephrased"), default="prompt",
                         help="prompt: the world's prompts, as the toy learned them; rephrased: the same scenes in the "
                              "7 other phrasings of world.Scene.phrasings (504 training, 168 held-out prompts)")
@@ -75,20 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_sets(args.set)
     results = []
     for seed in args.seeds:
-        r = run(seed, args.preset, overrides, args.eval_seeds, world, toy, mods, args.phrasing)
+        r = run(seed, args.preset, overrides, args.eval_seeds, world, toy, mods, args.phrasing, args.reward)
         trainer = r.pop("trainer")
+        if args.save_lora:
+            args.save_lora.mkdir(parents=True, exist_ok=True)
+            pack_module("training.lora.write").save_kohya(
+                trainer.host.lora.to_lora_set(f"{args.tag}_seed{seed}"), args.save_lora / f"{args.tag}_seed{seed}.safetensors",
+                family=trainer.host.family)
         results.append(r)
         held = [s.prompt for s in world.held_out_scenes()][::3]
         grid([trainer.generate(held, 7, lora=False), trainer.generate(held, 7, lora=True)],
              REPO / "experiments" / "results" / f"{args.tag}_seed{seed}.png")
     out = REPO / "experiments" / "results" / f"{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"preset": args.preset, "overrides": overrides, "runs": results}, indent=1))
+    out.write_text(json.dumps({"preset": args.preset, "overrides": overrides, "reward": args.reward,
+                               "phrasing": args.phrasing, "runs": results}, indent=1))
     for r in results:
         h = r["held_out"]
         log.info("seed %d: held-out Δ %+.4f ± %.4f (%.1f SE), all-correct %.3f → %.3f, pixel distance to the base "
                  "%.4f; training prompts Δ %+.4f ± %.4f; %.0f s", r["seed"], h["diff"], h["se"], h["z"], h["acc_before"],
                  h["acc_after"], h["image_distance"], r["train"]["diff"], r["train"]["se"], r["seconds"])
+        log.info("seed %d: held-out JPEG %.3f → %.3f kB (%+.3f ± %.3f), diversity per prompt %.4f → %.4f", r["seed"],
+                 h["jpeg_kb"]["before"], h["jpeg_kb"]["after"], h["jpeg_kb"]["diff"], h["jpeg_kb"]["se"],
+                 h["diversity_before"], h["diversity_after"])
     return 0
 
 

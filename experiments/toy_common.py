@@ -45,16 +45,38 @@ def load(checkpoint: str | None = None):
 
 def paired_eval(trainer, world, prompts: list[str], seeds: int, seed: int = EVAL_SEED) -> dict:
     """Every prompt × `seeds` noises with the LoRA off (the base model) and on: the soft reward's paired change
-    (training/evaluation.py), the strict accuracy before and after, and the mean pixel distance between them."""
+    (training/evaluation.py), the strict accuracy before and after, the mean pixel distance between them, the
+    JPEG size's paired change (compressibility, the second reward of the fusion experiment) and each prompt's
+    diversity (mean pairwise pixel distance of its images) before and after."""
     batch = [p for p in prompts for _ in range(seeds)]
     base = trainer.generate(batch, seed, lora=False)
     tuned = trainer.generate(batch, seed, lora=True)
-    result = pack_module("training.evaluation").paired(world.alignment(base, batch), world.alignment(tuned, batch))
+    return evaluate_pair(world, batch, base, tuned, seeds)
+
+
+def evaluate_pair(world, batch: list[str], base: torch.Tensor, tuned: torch.Tensor, seeds: int) -> dict:
+    """paired_eval's numbers for images already generated (base and tuned on the same noise, `seeds` per prompt)."""
+    paired = pack_module("training.evaluation").paired
+    jpeg_kilobytes = pack_module("rewards.jpeg").jpeg_kilobytes
+    result = paired(world.alignment(base, batch), world.alignment(tuned, batch))
+    kb = paired(jpeg_kilobytes(base), jpeg_kilobytes(tuned))
     return {**result.__dict__, "z": result.z, "line": result.line("alignment"),
             "acc_before": float(world.alignment(base, batch, strict=True).mean()),
             "acc_after": float(world.alignment(tuned, batch, strict=True).mean()),
             # how far the LoRA moved the pictures (DPOK's trade-off): mean absolute pixel change, 0..1
-            "image_distance": float((tuned - base).abs().mean())}
+            "image_distance": float((tuned - base).abs().mean()),
+            "jpeg_kb": {**kb.__dict__, "z": kb.z},
+            "diversity_before": prompt_diversity(base, seeds), "diversity_after": prompt_diversity(tuned, seeds)}
+
+
+def prompt_diversity(images: torch.Tensor, per_prompt: int) -> float:
+    """Mean over prompts of the mean pairwise RMS pixel distance between that prompt's images (0..1); images are
+    grouped as paired_eval lays them out (each prompt's `per_prompt` noises together)."""
+    if per_prompt < 2:
+        return float("nan")
+    flat = images.float().reshape(-1, per_prompt, images[0].numel())
+    dist = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # (prompts, n, n)
+    return float(dist.sum(dim=(1, 2)).mean() / (per_prompt * (per_prompt - 1)))
 
 
 def sampled_batch(trainer, prompts: list[str], gen: torch.Generator, n_prompts: int, per_prompt: int, seed: int):

@@ -32,6 +32,27 @@ from comfy_server import ComfyClient, comfy_host, start_test_server  # noqa: E40
 
 log = logging.getLogger("texforce.demo")
 STATE_FILE = "demo_server.json"  # in the base directory: the server this demo left running
+EVAL_SEED = 1234
+# TexForce Train on the toy with the `fast` preset's values: 20 steps, 64 images per epoch (8 prompts × 8,
+# group_mean advantages), branch sampling at one step with reward-weighted regression (sde_steps 1, loss rwr),
+# micro-batches of 16 (4 optimizer steps per epoch), learning rate 1e-3, LoRA rank 16 (README: "What training does
+# to a pretrained model")
+TRAIN = {"preset": "fast", "images_per_epoch": 64, "images_per_prompt": 8, "batch_size": 16, "width": 0, "height": 0,
+         "steps": 20, "guidance": 5.0, "eta": 1.0, "learning_rate": 1e-3, "lora_rank": 16, "kl_weight": -1.0,
+         "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all",
+         "sde_steps": -1}
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`name=value` for one TexForce Train input; the value keeps the type of the demo's default."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in TRAIN:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected INPUT=VALUE with INPUT one of {', '.join(sorted(TRAIN))}")
+    kind = type(TRAIN[name])
+    try:
+        return name, (value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {name} takes a {kind.__name__}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the toy's prompts as it learned them (it already follows them: little to gain) or the "
                              "same scenes written other ways (TexForce Toy Checkpoint's phrasing)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the comparison's noise stays fixed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="INPUT=VALUE",
+                        type=parse_override,
+                        help="override one TexForce Train input, e.g. --set learning_rate=2e-3 --set "
+                             "images_per_prompt=4 (repeatable; names as in the node)")
     parser.add_argument("--result", type=Path, default=None,
                         help="also write the numbers (comparison, reward per epoch, seconds) to this JSON file")
     parser.add_argument("--base", type=Path, default=REPO / "demo_output", help="ComfyUI base directory for the demo")
@@ -100,25 +125,15 @@ if __name__ == "__main__":
 
 from comfy_server import RunProgress  # noqa: E402
 
-EVAL_SEED = 1234
-# TexForce Train on the toy with the `fast` preset's values: 20 steps, 64 images per epoch (8 prompts × 8,
-# group_mean advantages), branch sampling at one step with reward-weighted regression (sde_steps 1, loss rwr),
-# micro-batches of 16 (4 optimizer steps per epoch), learning rate 1e-3, LoRA rank 16 (README: "What training does
-# to a pretrained model")
-TRAIN = {"preset": "fast", "images_per_epoch": 64, "images_per_prompt": 8, "batch_size": 16, "width": 0, "height": 0,
-         "steps": 20, "guidance": 5.0, "eta": 1.0, "learning_rate": 1e-3, "lora_rank": 16, "kl_weight": -1.0,
-         "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all",
-         "sde_steps": -1}
-
-
-def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0, phrasing: str = "prompt") -> dict:
+def workflow(name: str, epochs: int, images_per_prompt: int, seed: int = 0, phrasing: str = "prompt",
+             overrides: dict | None = None) -> dict:
     """Train on the toy's training prompts, then compare the CLIP before and after on its held-out combinations."""
     return {
         "toy": {"class_type": "TexForceToyCheckpoint", "inputs": {"phrasing": phrasing}},
         "reward": {"class_type": "TexForceToyAlignmentReward", "inputs": {"mode": "soft"}},
         "train": {"class_type": "TexForceTrain", "inputs": {
             **TRAIN, "model": ["toy", 0], "clip": ["toy", 1], "vae": ["toy", 2], "reward": ["reward", 0],
-            "prompts": ["toy", 3], "epochs": epochs, "lora_name": name, "seed": seed}},
+            "prompts": ["toy", 3], "epochs": epochs, "lora_name": name, "seed": seed, **(overrides or {})}},
         "compare": {"class_type": "TexForceCompare", "inputs": {
             "model": ["toy", 0], "clip_before": ["toy", 1], "clip_after": ["train", 0], "vae": ["toy", 2],
             "reward": ["reward", 0], "prompts": ["toy", 4], "images_per_prompt": images_per_prompt, "seed": EVAL_SEED,
@@ -149,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training %s on the embedded toy model for %d epochs (toy alignment reward, preset fast; about "
                  "15 s an epoch on 2 CPU cores), then comparing before/after on %d held-out prompts × %d noises ...",
                  name, args.epochs, held_out, images_per_prompt)
-        entry = client.run(workflow(name, args.epochs, images_per_prompt, args.seed, args.phrasing), timeout=3600,
+        entry = client.run(workflow(name, args.epochs, images_per_prompt, args.seed, args.phrasing,
+                                    dict(args.overrides)), timeout=3600,
                            progress=RunProgress(client, name))
         seconds = time.time() - t0
         out = entry["outputs"]
@@ -170,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.result:
             args.result.parent.mkdir(parents=True, exist_ok=True)
             args.result.write_text(json.dumps({"seed": args.seed, "epochs": args.epochs, "phrasing": args.phrasing,
+                                               "overrides": dict(args.overrides),
                                                "seconds": round(seconds, 1),
                                                "held_out": result, "reward_per_epoch": [h["reward_mean"] for h in history]},
                                               indent=1))
