@@ -98,3 +98,26 @@ def test_stop_never_signals_a_process_that_is_not_the_recorded_server(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def _demo_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("texforce_demo_args", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def test_set_overrides_a_train_input_with_its_type_and_refuses_unknown_names(capsys):
+    demo = _demo_module()
+    args = demo.parse_args(["--set", "learning_rate=2e-3", "--set", "images_per_prompt=4", "--set", "resume=false"])
+    overrides = dict(args.overrides)
+    assert overrides == {"learning_rate": 2e-3, "images_per_prompt": 4, "resume": False}
+    assert isinstance(overrides["images_per_prompt"], int)
+    train = demo.workflow("x", 3, 4, overrides=overrides)["train"]["inputs"]
+    assert (train["learning_rate"], train["images_per_prompt"], train["epochs"]) == (2e-3, 4, 3)
+    for bad in ("lerning_rate=1", "images_per_prompt=four", "learning_rate"):
+        with pytest.raises(SystemExit):
+            demo.parse_args(["--set", bad])
+        err = capsys.readouterr().err
+        assert bad in err and ("INPUT one of" in err or "takes a" in err)
