@@ -1,0 +1,80 @@
+"""The stochastic flow-matching step with log-probabilities (Flow-GRPO, arXiv 2505.05470): the policy for
+rectified-flow models (SD 3.x, Flux), as `ddim.py`'s stochastic DDIM is for VP models.
+
+Rectified flow: x_t = (1 − t)·x0 + t·ε, t from 1 (noise) to 0, velocity v = ε − x0 (what SD3/Flux predict;
+ComfyUI's CONST models return x0 = x − t·v). The ODE sampler steps x_{t−Δ} = x_t − v·Δ. Flow-GRPO turns it into
+an SDE with the same marginals at every t,
+
+    x_{t−Δ} = x_t − [v + σ_t²/(2t)·(x_t + (1 − t)·v)]·Δ + σ_t·√Δ·ε,   σ_t = a·√(t/(1 − t)),
+
+so each step is a Gaussian with an exact log-probability. `a` (the noise level, Flow-GRPO's 0.7) plays η's part.
+At t = 1 σ_t is infinite; as in Flow-GRPO the first step's σ uses the next t instead. Everything is fp32, as in
+ddim_step: the log-prob of a large latent in bf16 loses the differences the PPO clip range is about.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
+    """A scalar or (B,) tensor as fp32, shaped to broadcast against `like` (B, ...)."""
+    v = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if v.ndim == 1:
+        if v.shape[0] != like.shape[0]:
+            raise ValueError(f"per-sample {what} has {v.shape[0]} entries for a batch of {like.shape[0]}")
+        v = v.reshape(-1, *([1] * (like.ndim - 1)))
+    elif v.ndim != 0:
+        raise ValueError(f"{what} must be a scalar or a (B,) tensor, got shape {tuple(v.shape)}")
+    return v
+
+
+def flow_sde_std(t: torch.Tensor, t_prev: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+    """σ_t = a·√(t/(1 − t)), with t = 1 (infinite σ) replaced by the step's next t, as Flow-GRPO does."""
+    t_eff = torch.where(t >= 1, t_prev, t)
+    return noise_level * torch.sqrt(t_eff / (1 - t_eff))
+
+
+def flow_sde_step(x_t: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor, t_prev: float | torch.Tensor,
+                  noise_level: float | torch.Tensor = 0.7, noise: torch.Tensor | None = None,
+                  prev_sample: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Flow-GRPO SDE step x_t → x_{t_prev} (t_prev < t) and its log-probability, all in fp32.
+
+    Give `noise` (standard normal, from the caller's generator) to sample, or `prev_sample` to score a stored
+    transition. Returns (prev_sample, log_prob (B,), mean, std) with log_prob the MEAN over the non-batch
+    dimensions (ddim_step's scale); the gradient flows through `velocity` only. t, t_prev and noise_level may be
+    (B,) tensors; a noise level of 0 gives the deterministic Euler (ODE) step with log-prob 0 (branch sampling).
+    """
+    if (noise is None) == (prev_sample is None):
+        raise ValueError("pass exactly one of `noise` (to sample) or `prev_sample` (to score a stored step)")
+    x = x_t.float()
+    v = velocity.float()
+    tt = _per_sample(t, x, "t")
+    tp = _per_sample(t_prev, x, "t_prev")
+    a = _per_sample(noise_level, x, "noise_level")
+    if bool((tp >= tt).any()) or bool((tp < 0).any()) or bool((tt > 1).any()):
+        raise ValueError("a flow step goes from t to a smaller t_prev, both in [0, 1]")
+    if bool((a < 0).any()):
+        raise ValueError("the noise level must be ≥ 0")
+    dt = tt - tp  # Δ > 0
+    sigma = flow_sde_std(tt, tp, a)
+    mean = x - (v + sigma ** 2 / (2 * tt) * (x + (1 - tt) * v)) * dt
+    std = sigma * torch.sqrt(dt)
+    if prev_sample is None:
+        prev_sample = mean + std * noise.to(device=x.device, dtype=torch.float32)
+    prev = prev_sample.detach().float()
+    sd = torch.where(std > 0, std, torch.ones_like(std))  # a deterministic sample: scored as 0 below
+    log_prob = -((prev - mean) ** 2) / (2 * sd ** 2) - torch.log(sd) - _LOG_SQRT_2PI
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    stochastic = (std > 0).expand_as(x).reshape(x.shape[0], -1)[:, 0]
+    return prev, log_prob * stochastic, mean, std
+
+
+def velocity_from_denoised(x_t: torch.Tensor, denoised: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """v = (x_t − x0)/t: the velocity of a ComfyUI CONST (flow) model from its denoised output (x0 = x − t·v)."""
+    tt = _per_sample(t, x_t, "t")
+    return (x_t.float() - denoised.float()) / tt
