@@ -120,8 +120,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch, "mm": mm, "pack": pack, "tiny_models": tiny_models,
         "ComfyHost": importlib.import_module(f"{PACK_NAME}.training.hosts.comfy").ComfyHost,
         "loop": importlib.import_module(f"{PACK_NAME}.training.loop"),
-        # the modules that call ddim_step (sampling: the chain; update: the training pass)
-        "ddim_users": [importlib.import_module(f"{PACK_NAME}.training.{m}") for m in ("sampling", "update")],
+        # the DDIM schedule whose `step` sampling (the chain) and update (the training pass) call
+        "ddim": importlib.import_module(f"{PACK_NAME}.training.ddim"),
         "config": importlib.import_module(f"{PACK_NAME}.training.config"),
     }
 
@@ -349,10 +349,10 @@ class Breakdown:
             self.add(f"{ph}.predictor_cleanup", self.clock() - t_exit[0])
 
         self._patch(host, "predictor", predictor)
-        for module in self.env["ddim_users"]:
-            orig_ddim = module.ddim_step
-            self._undo.append(lambda m=module, f=orig_ddim: setattr(m, "ddim_step", f))
-            module.ddim_step = self.timed(lambda: f"{self.phase()}.ddim_step", orig_ddim)
+        schedule = self.env["ddim"].DDIMSchedule
+        orig_step = schedule.step
+        self._undo.append(lambda: setattr(schedule, "step", orig_step))
+        schedule.step = self.timed(lambda: f"{self.phase()}.ddim_step", orig_step)
         self._patch(tr, "_optimizer_step", self.timed(lambda: "train.optimizer_step", tr._optimizer_step))
         orig_backward = torch.autograd.backward
 

@@ -142,3 +142,26 @@ def test_per_sample_eta_with_zeros_takes_the_deterministic_step_and_log_prob_zer
     assert eps.grad[[0, 2]].abs().sum() == 0 and eps.grad[1].abs().sum() > 0
     with pytest.raises(ValueError, match="≥ 0"):
         ddim.ddim_step(x, eps, at, ap, torch.tensor([1.0, -1.0, 0.0]), noise=z)
+
+
+def test_schedule_step_is_ddim_step_for_one_index_or_one_per_sample():
+    """The sampler interface (DDIMSchedule.step / x0 / model_time) that sampling and training call is exactly
+    ddim_step with the step's ᾱ pair, for a step shared by the batch (int) and for per-sample steps (tensor)."""
+    sched = ddim.ddim_schedule(ddim.scaled_linear_alphas_cumprod(), 10)
+    g = torch.Generator().manual_seed(0)
+    x, eps, noise = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    ref = ddim.ddim_step(x, eps, sched.abar_t[4].expand(3), sched.abar_prev[4].expand(3), 1.0, noise=noise)
+    for got, want in zip(sched.step(x, eps, 4, 1.0, noise=noise), ref):
+        assert torch.equal(got, want)
+    cols = torch.tensor([1, 4, 9])
+    ref = ddim.ddim_step(x, eps, sched.abar_t[cols], sched.abar_prev[cols], 1.0, prev_sample=noise)
+    for got, want in zip(sched.step(x, eps, cols, 1.0, prev_sample=noise), ref):
+        assert torch.equal(got, want)
+    assert torch.equal(sched.model_time(4, 3), sched.timesteps[4].expand(3))
+    assert torch.equal(sched.model_time(cols, 3), sched.timesteps[cols])
+    abar = sched.abar_t[cols].view(-1, 1, 1, 1)
+    torch.testing.assert_close(sched.x0(x, eps, cols), (x - (1 - abar).sqrt() * eps) / abar.sqrt())
+    # x0 is the mean's clean-image part: a deterministic step from x0 with ε̂ reproduces the DDIM mean
+    mean = ddim.ddim_step(x, eps, sched.abar_t[cols], sched.abar_prev[cols], 1e-9, prev_sample=x)[2]
+    ap = sched.abar_prev[cols].view(-1, 1, 1, 1)
+    torch.testing.assert_close(mean, ap.sqrt() * sched.x0(x, eps, cols) + (1 - ap).sqrt() * eps, rtol=1e-4, atol=1e-4)

@@ -373,25 +373,25 @@ def test_evaluation_uses_fixed_noise_independent_of_batching(monkeypatch):
     """What is guaranteed: a seed gives the same images every time, and each image gets the same noise
     whatever the batch size (per-image generators). The images of another batch size are equal only up to
     float rounding: a matmul's summation order depends on the batch size on some CPUs (7e-7 seen)."""
-    from texforce_pack.training import sampling as sampling_module
+    from texforce_pack.training.ddim import DDIMSchedule
 
     host = ToyHost(0, lora_up_std=0.3)
     tr = trainer(host)
     r1, r2 = tr.evaluate(PROMPTS * 2, 7), tr.evaluate(PROMPTS * 2, 7)
     assert torch.equal(r1, r2) and not torch.equal(r1, tr.evaluate(PROMPTS * 2, 8))
-    real_step, steps = sampling_module.ddim_step, len(tr._sched)
+    real_step, steps = DDIMSchedule.step, len(tr._sched)
 
     def generate_recording_noise(batch_size: int, seed: int = 7):
         tr.cfg = dataclasses.replace(tr.cfg, sample_batch_size=batch_size)
         noises = []
 
-        def recording_step(*args, noise, **kwargs):
+        def recording_step(self, *args, noise, **kwargs):
             noises.append(noise.clone())
-            return real_step(*args, noise=noise, **kwargs)
+            return real_step(self, *args, noise=noise, **kwargs)
 
-        monkeypatch.setattr(sampling_module, "ddim_step", recording_step)
+        monkeypatch.setattr(DDIMSchedule, "step", recording_step)
         images = tr.generate(PROMPTS * 2, seed)
-        monkeypatch.setattr(sampling_module, "ddim_step", real_step)
+        monkeypatch.setattr(DDIMSchedule, "step", real_step)
         # calls run batch by batch, step by step: (steps, images, C, H, W)
         return images, torch.cat([torch.stack(noises[i:i + steps]) for i in range(0, len(noises), steps)], dim=1)
 

@@ -64,6 +64,28 @@ class DDIMSchedule:
     def to(self, device: torch.device | str) -> "DDIMSchedule":
         return DDIMSchedule(self.timesteps.to(device), self.abar_t.to(device), self.abar_prev.to(device))
 
+    # The sampler interface sampling.py and update.py use (a flow-matching schedule has the same methods):
+    # `index` is one step for the whole batch (int) or each sample's own step ((B,) long tensor).
+    def model_time(self, index: int | torch.Tensor, batch: int) -> torch.Tensor:
+        """What the host's predictor takes for step `index`: the DDPM timestep, (B,)."""
+        t = self.timesteps[index]
+        return t.expand(batch) if t.ndim == 0 else t
+
+    def step(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor, eta: float | torch.Tensor,
+             noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ddim_step for step `index` with the predictor's ε̂: (prev_sample, log_prob, mean, std)."""
+        at, ap = self.abar_t[index], self.abar_prev[index]
+        if at.ndim == 0:
+            at, ap = at.expand(x.shape[0]), ap.expand(x.shape[0])
+        return ddim_step(x, pred, at, ap, eta, noise=noise, prev_sample=prev_sample)
+
+    def x0(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+        """The clean latent the prediction implies at step `index`: (x − √(1−ᾱ)·ε̂)/√ᾱ, fp32."""
+        abar = _per_sample(self.abar_t[index].expand(x.shape[0]) if self.abar_t[index].ndim == 0
+                           else self.abar_t[index], x)
+        return (x.float() - torch.sqrt(1 - abar) * pred.float()) / torch.sqrt(abar)
+
 
 def ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int, steps_offset: int = 1) -> DDIMSchedule:
     """Timesteps and the ᾱ pairs of each step, exactly as diffusers' DDIMScheduler (SD config) uses them.

@@ -2,8 +2,9 @@
 
 Every random number comes from CPU torch.Generators: image i's noise from its own generator seeded
 seed + offset + i, so samples depend neither on the batch size nor on how an epoch is split over processes,
-and runs are device-independent. The log-prob of each transition is computed by the same fp32 `ddim_step`
-that training uses, from the same stored tensors, so before the first update the importance ratio is 1.
+and runs are device-independent. The log-prob of each transition is computed by the schedule's fp32 `step`
+(ddim.DDIMSchedule.step), the one training uses, from the same stored tensors, so before the first update the
+importance ratio is 1.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .ddim import DDIMSchedule, ddim_step
+from .ddim import DDIMSchedule
 from .host import Cond, Host
 
 SEED_RANGE = 2 ** 62
@@ -121,10 +122,9 @@ def sample(host: Host, cfg: TrainConfig, sched: DDIMSchedule, prompts: list[str]
             with host.predictor(host.encode(batch_prompts), expand(uncond1, b), cfg.guidance) as predict:
                 for i in range(len(sched)):
                     poll()
-                    eps = predict(x, sched.timesteps[i].expand(b))
+                    pred = predict(x, sched.model_time(i, b))
                     eta = cfg.eta if steps_on is None else cfg.eta * steps_on[:, i].float().to(dev)
-                    x, lp, _, _ = ddim_step(x, eps, sched.abar_t[i].expand(b), sched.abar_prev[i].expand(b),
-                                            eta, noise=noise())
+                    x, lp, _, _ = sched.step(x, pred, i, eta, noise=noise())
                     if keep:
                         lats.append(x)
                         lps.append(lp)
@@ -157,9 +157,8 @@ def chain_log_probs(host: Host, cfg: TrainConfig, sched: DDIMSchedule, batch: Tr
             cols = []
             with host.predictor(host.encode(prompts), expand(uncond1, b), cfg.guidance) as predict:
                 for i in range(len(sched)):
-                    eps = predict(lat[:, i], sched.timesteps[i].expand(b))
+                    pred = predict(lat[:, i], sched.model_time(i, b))
                     eta = cfg.eta if steps_on is None else cfg.eta * steps_on[:, i].float().to(lat.device)
-                    cols.append(ddim_step(lat[:, i], eps, sched.abar_t[i].expand(b), sched.abar_prev[i].expand(b),
-                                          eta, prev_sample=lat[:, i + 1])[1])
+                    cols.append(sched.step(lat[:, i], pred, i, eta, prev_sample=lat[:, i + 1])[1])
             out.append(torch.stack(cols, dim=1))
     return torch.cat(out)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .ddim import DDIMSchedule, ddim_step
+from .ddim import DDIMSchedule
 from .distributed import Group
 from .host import Cond, Host, Predict
 from .losses import PolicyLoss, dpok_kl, ppo_clip_loss, regression_loss, sf_loss
@@ -146,8 +146,8 @@ def reference_means(host: Host, cfg: TrainConfig, sched: DDIMSchedule, mb: Micro
         with host.predictor(cond, expand(uncond, len(mb)), cfg.guidance) as predict:
             for j in range(mb.columns.shape[1]):
                 x, x_next, _, c = mb.transition(j)
-                eps = predict(x, sched.timesteps[c])
-                means.append(ddim_step(x, eps, sched.abar_t[c], sched.abar_prev[c], cfg.eta, prev_sample=x_next)[2])
+                pred = predict(x, sched.model_time(c, len(mb)))
+                means.append(sched.step(x, pred, c, cfg.eta, prev_sample=x_next)[2])
     return means
 
 
@@ -155,12 +155,10 @@ def timestep_backward(predict: Predict, cfg: TrainConfig, sched: DDIMSchedule, m
                       mean_ref: list[torch.Tensor], scale: float, log: UpdateLog) -> None:
     """Back-propagate (loss · scale) of the micro-batch's j-th trained transition."""
     x, x_next, old, c = mb.transition(j)
-    eps = predict(x, sched.timesteps[c])
-    _, log_prob, mean, std = ddim_step(x, eps, sched.abar_t[c], sched.abar_prev[c], cfg.eta, prev_sample=x_next)
-    if cfg.loss == "rwr":  # regress the clean-image prediction at x_t on where each chain ended (x0 in VP space)
-        abar = sched.abar_t[c].to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
-        x0_pred = (x.float() - torch.sqrt(1 - abar) * eps.float()) / torch.sqrt(abar)
-        out = regression_loss(x0_pred, mb.latents[:, -1], mb.advantages, cfg.adv_clip_max)
+    pred = predict(x, sched.model_time(c, len(mb)))
+    _, log_prob, mean, std = sched.step(x, pred, c, cfg.eta, prev_sample=x_next)
+    if cfg.loss == "rwr":  # regress the clean-image prediction at x_t on where each chain ended
+        out = regression_loss(sched.x0(x, pred, c), mb.latents[:, -1], mb.advantages, cfg.adv_clip_max)
     elif cfg.loss == "ppo":
         out = ppo_clip_loss(log_prob, old, mb.advantages, cfg.clip_range, cfg.adv_clip_max)
     else:
