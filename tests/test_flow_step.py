@@ -111,3 +111,49 @@ def test_bad_steps_are_refused(kwargs, message):
     x, v, noise = _batch()
     with pytest.raises(ValueError, match=message):
         flow.flow_sde_step(x, v, noise=noise, **kwargs)
+
+
+def test_shifted_times_are_comfys_flow_shift():
+    t = flow.shifted_times(4, shift=3.0)
+    s = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    torch.testing.assert_close(t, 3 * s / (1 + 2 * s))
+    assert t[0] == 1 and t[-1] == 0 and bool((t[1:] < t[:-1]).all())
+    torch.testing.assert_close(flow.shifted_times(4), s)
+    with pytest.raises(ValueError, match="shift"):
+        flow.shifted_times(4, shift=0)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.7])
+def test_a_whole_chain_from_noise_lands_on_the_data_distribution(level):
+    """FlowSchedule.step from t = 1 (pure noise) to 0 with the exact velocity of x0 ~ N(0, s²): the variance it
+    lands on (propagated exactly through the linear steps) converges to s² as the steps get finer."""
+    s2 = 0.25
+    one = torch.ones(1, 1)
+
+    def landed(num_steps: int) -> float:
+        sched = flow.FlowSchedule(flow.shifted_times(num_steps, shift=3.0))
+        var = 1.0
+        for i in range(len(sched)):
+            t = float(sched.times[i])
+            c = (t - (1 - t) * s2) / ((1 - t) ** 2 * s2 + t ** 2)
+            _, _, mean, std = sched.step(one, c * one, i, level, noise=torch.zeros(1, 1))
+            var = var * mean.item() ** 2 + float(std) ** 2
+        return var
+
+    coarse, fine = abs(landed(50) - s2), abs(landed(200) - s2)
+    assert fine < 0.01 and fine < coarse / 2, (coarse, fine)
+
+
+def test_flow_schedule_has_the_ddim_schedules_sampler_interface():
+    sched = flow.FlowSchedule(flow.shifted_times(8, shift=3.0))
+    assert len(sched) == 8
+    x, v, noise = _batch(8)
+    cols = torch.tensor([0, 3, 7])
+    prev, lp, _, _ = sched.step(x, v, cols, 0.7, noise=noise)
+    _, lp2, _, _ = sched.step(x, v, cols, 0.7, prev_sample=prev)
+    assert torch.equal(lp, lp2)
+    ref = flow.flow_sde_step(x, v, sched.times[cols], sched.times[cols + 1], 0.7, noise=noise)
+    assert all(torch.equal(a, b) for a, b in zip((prev, lp), ref[:2]))
+    assert torch.equal(sched.model_time(cols, 3), sched.times[cols])
+    assert torch.equal(sched.model_time(2, 3), sched.times[2].expand(3))
+    torch.testing.assert_close(sched.x0(x, v, cols), x - sched.times[cols].view(-1, 1, 1, 1) * v)

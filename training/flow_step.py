@@ -14,6 +14,7 @@ ddim_step: the log-prob of a large latent in bf16 loses the differences the PPO 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -78,3 +79,52 @@ def velocity_from_denoised(x_t: torch.Tensor, denoised: torch.Tensor, t: float |
     """v = (x_t − x0)/t: the velocity of a ComfyUI CONST (flow) model from its denoised output (x0 = x − t·v)."""
     tt = _per_sample(t, x_t, "t")
     return (x_t.float() - denoised.float()) / tt
+
+
+def shifted_times(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """N + 1 times from 1 to 0, uniform in s and shifted as ComfyUI's ModelSamplingDiscreteFlow / diffusers'
+    FlowMatchEulerDiscreteScheduler shift them: t = shift·s / (1 + (shift − 1)·s) (SD3 uses shift 3, Flux's
+    depends on the image size); fp32."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The N steps of one flow-matching run: step i goes from times[i] to times[i + 1] (times: N + 1, from 1 to 0).
+
+    The sampler interface of ddim.DDIMSchedule (model_time, step, x0), so sampling and training run a
+    rectified-flow model's chain through the same code; the predictor gives the velocity and takes the time t
+    (ComfyUI's σ for CONST models) as its timestep, and `eta` is Flow-GRPO's noise level a."""
+
+    times: torch.Tensor  # (N + 1,) fp32, descending, times[0] ≤ 1, times[-1] = 0
+
+    def __len__(self) -> int:
+        return int(self.times.shape[0]) - 1
+
+    def to(self, device: torch.device | str) -> "FlowSchedule":
+        return FlowSchedule(self.times.to(device))
+
+    def model_time(self, index: int | torch.Tensor, batch: int) -> torch.Tensor:
+        t = self.times[index]
+        return t.expand(batch) if t.ndim == 0 else t
+
+    def step(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor, eta: float | torch.Tensor,
+             noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """flow_sde_step from times[index] to times[index + 1] with the predicted velocity."""
+        index = torch.as_tensor(index)
+        t, t_prev = self.times[index], self.times[index + 1]
+        if t.ndim == 0:
+            t, t_prev = t.expand(x.shape[0]), t_prev.expand(x.shape[0])
+        return flow_sde_step(x, pred, t, t_prev, eta, noise=noise, prev_sample=prev_sample)
+
+    def x0(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+        """The clean latent the velocity implies at step `index`: x − t·v, fp32."""
+        t = self.times[torch.as_tensor(index)]
+        t = _per_sample(t.expand(x.shape[0]) if t.ndim == 0 else t, x, "t")
+        return x.float() - t * pred.float()
