@@ -216,8 +216,9 @@ def warmup_steps(cfg: TrainConfig) -> int:
     return max(1, int(round(cfg.warmup_fraction * total_optimizer_steps(cfg))))
 
 
-def validate(cfg: TrainConfig, schedule_length: int = 1000) -> list[str]:
-    """Raise ConfigError listing every impossible setting (and what to change); return soft warnings."""
+def validate(cfg: TrainConfig, schedule_length: int | None = 1000) -> list[str]:
+    """Raise ConfigError listing every impossible setting (and what to change); return soft warnings.
+    schedule_length: the model's discrete schedule (None: a flow-matching model, whose times are continuous)."""
     errors: list[str] = []
     warnings: list[str] = []
 
@@ -237,7 +238,7 @@ def validate(cfg: TrainConfig, schedule_length: int = 1000) -> list[str]:
     elif cfg.eta > 1:
         errors.append(f"eta = {cfg.eta} is above 1: the DDIM step's √(1 − ᾱ_prev − σ²) becomes imaginary; "
                       "use eta in (0, 1]")
-    max_steps = max_ddim_steps(schedule_length)
+    max_steps = max_ddim_steps(schedule_length) if schedule_length is not None else cfg.num_steps
     if cfg.num_steps > max_steps:
         errors.append(f"num_steps = {cfg.num_steps} is more than the model's {schedule_length}-step schedule "
                       f"allows ({max_steps}); use at most {max_steps} (50 is the reference)")

@@ -106,6 +106,11 @@ class FlowSchedule:
     def __len__(self) -> int:
         return int(self.times.shape[0]) - 1
 
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The N times the model is called at (what Host.set_schedule is told)."""
+        return self.times[:-1]
+
     def to(self, device: torch.device | str) -> "FlowSchedule":
         return FlowSchedule(self.times.to(device))
 

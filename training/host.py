@@ -12,15 +12,18 @@ from typing import Callable, Protocol
 import torch
 
 Cond = dict[str, torch.Tensor]
-# predict(x_vp, t) -> guided ε̂ in fp32: x_vp is the VP-space latent (B×C×h×w), t the integer
-# timesteps (B,) indexing alphas_cumprod. The host applies classifier-free guidance its own way
-# (ComfyUI: through its sampling function, honouring the MODEL's model_options).
+# predict(x, t) -> the guided prediction in fp32 that the run's schedule steps with (its model_time gives t):
+# for a VP model ε̂, x the VP-space latent (B×C×h×w) and t the integer timesteps (B,) indexing alphas_cumprod;
+# for a flow-matching model the velocity, x the flow's x_t and t its times in [0, 1] (B,). The host applies
+# classifier-free guidance its own way (ComfyUI: through its sampling function, honouring model_options).
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Host(Protocol):
     device: torch.device
-    alphas_cumprod: torch.Tensor  # (T,) fp32 on the CPU, T = 1000 for Stable Diffusion
+    alphas_cumprod: torch.Tensor | None  # (T,) fp32 on the CPU, T = 1000 for Stable Diffusion; None: flow model
+    # optional: sampler_schedule(num_steps) -> ddim.DDIMSchedule | flow_step.FlowSchedule, the chain's steps
+    # (a host without it gets DDIM on alphas_cumprod)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent for an image of height × width pixels."""
@@ -32,7 +35,8 @@ class Host(Protocol):
         """A context in which predict(x, t) evaluates the frozen denoiser with these conds."""
 
     def set_schedule(self, timesteps: torch.Tensor) -> None:
-        """The run's DDIM timesteps (N,), told once before sampling (ComfyUI: MODEL patches read them as sigmas)."""
+        """The run's model times (N,) (the schedule's `timesteps`), told once before sampling (ComfyUI: MODEL
+        patches read them as sigmas)."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VP-space latents -> images B×H×W×C in 0..1 (no gradient)."""

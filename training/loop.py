@@ -58,7 +58,8 @@ class Trainer:
         self.prompts = [p.strip() for p in prompts if p and p.strip()]
         if not self.prompts:
             raise ValueError("no prompts to train on: give at least one non-empty prompt")
-        validate(cfg, int(host.alphas_cumprod.shape[0]))
+        abar = getattr(host, "alphas_cumprod", None)  # None: a flow-matching model (continuous times)
+        validate(cfg, None if abar is None else int(abar.shape[0]))
         self.dist = dist if dist is not None else SingleProcess()
         if cfg.images_per_epoch % self.dist.world_size:
             raise ValueError(f"images_per_epoch = {cfg.images_per_epoch} does not split over {self.dist.world_size} "
@@ -71,7 +72,9 @@ class Trainer:
         self.host, self.reward_fn, self.cfg = host, reward_fn, cfg
         self.checkpoint_path = checkpoint_path
         self.on_epoch, self.should_stop = on_epoch, should_stop
-        self.schedule = ddim_schedule(host.alphas_cumprod, cfg.num_steps)
+        # the chain's steps: DDIM for VP models, Flow-GRPO's SDE for flow models (a host that knows which says so)
+        make_schedule = getattr(host, "sampler_schedule", None)
+        self.schedule = make_schedule(cfg.num_steps) if make_schedule else ddim_schedule(abar, cfg.num_steps)
         self._sched = self.schedule.to(host.device)
         host.set_schedule(self.schedule.timesteps)
         self.K, self.W = train_timesteps(cfg), window_steps(cfg)

@@ -28,10 +28,12 @@ import comfy.clip_model
 import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..ddim import abar_from_sigma, eps_from_denoised_k, sigma_from_abar, vp_to_k
+from ..ddim import DDIMSchedule, abar_from_sigma, ddim_schedule, eps_from_denoised_k, sigma_from_abar, vp_to_k
+from ..flow_step import FlowSchedule, velocity_from_denoised
 from ..host import Cond, Predict
 from ..lora.family import (ENCODER_LABELS, FAMILIES, attention_path, comfy_encoder_module, encoders_label,
                            family_label, family_names, family_of_comfy_config, family_of_encoders, listed,
@@ -140,7 +142,11 @@ class ComfyHost:
         self.vae = vae
         self.device = model.load_device
         sampling = model.get_model_object("model_sampling")  # honours ModelSampling* patches on the MODEL
-        self.alphas_cumprod = abar_from_sigma(sampling.sigmas.detach().float().cpu()).contiguous()
+        # a flow-matching MODEL (ComfyUI's CONST: SD3-style sampling, or ModelSamplingSD3 on another U-Net) samples
+        # with Flow-GRPO's SDE and predicts velocities; the others are VP models with DDIM and ε
+        self.flow = isinstance(sampling, comfy.model_sampling.CONST)
+        self.alphas_cumprod = (None if self.flow else
+                               abar_from_sigma(sampling.sigmas.detach().float().cpu()).contiguous())
         self.sample_sigmas: torch.Tensor | None = None  # the run's DDIM sigmas, for MODEL patches that read them
 
         self.clip = clip.clone()
@@ -193,9 +199,15 @@ class ComfyHost:
         if sampling is None or not hasattr(sampling, "sigmas") or sampling.sigmas.numel() < 2:
             raise ValueError("TexForce training needs a diffusion MODEL with a discrete noise schedule "
                              f"({family_names('')}).")
-        if type(sampling).__name__.startswith(("ModelSamplingFlux", "ModelSamplingDiscreteFlow", "ModelSamplingContinuousV")):
-            raise ValueError(f"{type(sampling).__name__} models (flow matching / continuous schedules) are not "
-                             "supported: the DDIM log-probability needs a discrete VP schedule.")
+        if type(sampling).__name__.startswith(("ModelSamplingFlux", "ModelSamplingContinuous")):
+            raise ValueError(f"{type(sampling).__name__} models (Flux's distilled guidance, continuous EDM/V "
+                             "schedules) are not supported yet: the log-probability needs a DDPM (VP) schedule or a "
+                             "rectified flow (ModelSamplingDiscreteFlow).")
+        config = getattr(getattr(model, "model", None), "model_config", None)
+        if isinstance(sampling, comfy.model_sampling.CONST) and family_of_comfy_config(config) is None:
+            raise ValueError(f"{type(config).__name__} models are not supported yet: flow-matching sampling is, but "
+                             f"only on the text encoders of {family_names('')} (SD3 and Flux add T5, which the LoRA "
+                             "does not cover).")
 
     def _check_context(self, width: int) -> None:
         """A CLIP of one family with a MODEL of another fails deep in the U-Net; say which is which instead."""
@@ -247,7 +259,18 @@ class ComfyHost:
         ratio = getattr(fmt, "spacial_downscale_ratio", 8)
         return fmt.latent_channels, height // ratio, width // ratio
 
+    def sampler_schedule(self, num_steps: int) -> DDIMSchedule | FlowSchedule:
+        """The chain's steps: DDIM on the model's ᾱ, or for a flow model the times ComfyUI's `simple` scheduler
+        gives it (its own shift), from 1 to 0."""
+        if not self.flow:
+            return ddim_schedule(self.alphas_cumprod, num_steps)
+        sampling = self._model.get_model_object("model_sampling")
+        return FlowSchedule(comfy.samplers.calculate_sigmas(sampling, "simple", num_steps).float().cpu())
+
     def set_schedule(self, timesteps: torch.Tensor) -> None:
+        if self.flow:  # the model's times are its sigmas
+            self.sample_sigmas = timesteps.float().cpu()
+            return
         sampling = self._model.get_model_object("model_sampling")
         if hasattr(sampling, "sigma"):  # the run's sigmas, for MODEL patches that read sample_sigmas
             self.sample_sigmas = sampling.sigma(timesteps.float()).cpu()
@@ -284,7 +307,8 @@ class ComfyHost:
             uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in uncond.items()}
         options = _sampling_options(model.model_options, self.sample_sigmas)
         device = model.load_device
-        abar_table = self.alphas_cumprod.to(device)
+        flow = self.flow
+        abar_table = None if flow else self.alphas_cumprod.to(device)
         state: dict = {}
 
         def prepare(shape: torch.Size) -> dict:
@@ -308,9 +332,14 @@ class ComfyHost:
                     _restore_parameters(state["aliases"])
                     _restore_blocks(state["blocks"])
                 state.update(prepare(x.shape))
+            conds = state["conds"]
+            if flow:  # t is the flow time, ComfyUI's σ; x is the model's own x_t; the velocity is what it predicts
+                sigma = t.to(device).float()
+                denoised = comfy.samplers.sampling_function(state["model"], x.to(device), sigma, conds["negative"],
+                                                            conds["positive"], guidance, model_options=options)
+                return velocity_from_denoised(x.to(device), denoised, sigma)
             sigma = sigma_from_abar(abar_table[t.to(device)])
             x_k = vp_to_k(x.to(device), sigma)
-            conds = state["conds"]
             denoised = comfy.samplers.sampling_function(state["model"], x_k, sigma, conds["negative"],
                                                         conds["positive"], guidance, model_options=options)
             return eps_from_denoised_k(x_k, denoised, sigma)
