@@ -175,7 +175,8 @@ class TexForceTrain(io.ComfyNode):
                 io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance, the same at sampling and training."),
                 io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="DDIM noise. Must be > 0 (the log-probability needs noise); 1 is the reference."),
+                               tooltip="Sampling noise: DDIM's η, or on a flow-matching MODEL Flow-GRPO's noise level a (0.7 "
+                                       "there). Must be > 0 (the log-probability needs noise); 1 is DDIM's reference."),
                 io.Float.Input("learning_rate", default=3e-4, min=0.0, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate for the LoRA (3e-4 reference), with warm-up + cosine."),
                 io.Int.Input("lora_rank", default=16, min=1, max=256,
