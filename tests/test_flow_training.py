@@ -12,17 +12,10 @@ import importlib
 import torch
 
 from conftest import pack, tiny_models
+from test_train_comfy import PROMPTS, ComfyHost, brightness, config, loop
 
-ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
-loop = importlib.import_module(f"{pack.__name__}.training.loop")
 sampling = importlib.import_module(f"{pack.__name__}.training.sampling")
-config = importlib.import_module(f"{pack.__name__}.training.config")
 flow_step = importlib.import_module(f"{pack.__name__}.training.flow_step")
-PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow sun"]
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
 
 
 def flow_models(shift: float = 3.0):

@@ -82,7 +82,7 @@ class DDIMSchedule:
 
     def x0(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
         """The clean latent the prediction implies at step `index`: (x − √(1−ᾱ)·ε̂)/√ᾱ, fp32."""
-        abar = _per_sample(self.abar_t[index].expand(x.shape[0]) if self.abar_t[index].ndim == 0
+        abar = per_sample(self.abar_t[index].expand(x.shape[0]) if self.abar_t[index].ndim == 0
                            else self.abar_t[index], x)
         return (x.float() - torch.sqrt(1 - abar) * pred.float()) / torch.sqrt(abar)
 
@@ -101,15 +101,15 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int, steps_offset: in
     return DDIMSchedule(timesteps, abar[timesteps].clone(), abar_prev)
 
 
-def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(value: float | torch.Tensor, like: torch.Tensor, what: str = "ᾱ") -> torch.Tensor:
     """A scalar or (B,) tensor as fp32, shaped to broadcast against `like` (B, C, H, W)."""
     v = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     if v.ndim == 1:
         if v.shape[0] != like.shape[0]:
-            raise ValueError(f"per-sample ᾱ has {v.shape[0]} entries for a batch of {like.shape[0]}")
+            raise ValueError(f"per-sample {what} has {v.shape[0]} entries for a batch of {like.shape[0]}")
         v = v.reshape(-1, *([1] * (like.ndim - 1)))
     elif v.ndim != 0:
-        raise ValueError(f"ᾱ must be a scalar or a (B,) tensor, got shape {tuple(v.shape)}")
+        raise ValueError(f"{what} must be a scalar or a (B,) tensor, got shape {tuple(v.shape)}")
     return v
 
 
@@ -138,10 +138,10 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.Tensor
         raise ValueError("pass exactly one of `noise` (to sample) or `prev_sample` (to score a stored step)")
     x = x_t.float()
     e = eps.float()
-    at = _per_sample(abar_t, x)
-    ap = _per_sample(abar_prev, x)
+    at = per_sample(abar_t, x)
+    ap = per_sample(abar_prev, x)
     x0 = (x - torch.sqrt(1 - at) * e) / torch.sqrt(at)
-    std = _per_sample(eta, x) * torch.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
+    std = per_sample(eta, x) * torch.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
     direction = torch.sqrt((1 - ap - std ** 2).clamp(min=0)) * e
     mean = torch.sqrt(ap) * x0 + direction
     if prev_sample is None:
@@ -159,13 +159,13 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.Tensor
 
 def eps_from_v(x: torch.Tensor, v: torch.Tensor, abar: float | torch.Tensor) -> torch.Tensor:
     """ε from a v-prediction (SD 2.x 768, some SDXL fine-tunes): ε = √ᾱ v + √(1−ᾱ) x, x in VP space."""
-    a = _per_sample(abar, x)
+    a = per_sample(abar, x)
     return torch.sqrt(a) * v.float() + torch.sqrt(1 - a) * x.float()
 
 
 def eps_from_x0(x: torch.Tensor, x0: torch.Tensor, abar: float | torch.Tensor) -> torch.Tensor:
     """ε from a predicted clean latent: ε = (x − √ᾱ x0)/√(1−ᾱ), x in VP space."""
-    a = _per_sample(abar, x)
+    a = per_sample(abar, x)
     return (x.float() - torch.sqrt(a) * x0.float()) / torch.sqrt(1 - a)
 
 
@@ -183,17 +183,17 @@ def abar_from_sigma(sigma: float | torch.Tensor) -> torch.Tensor:
 
 def vp_to_k(x_vp: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """VP latent → k-diffusion input: x_k = x_vp·√(1+σ²) (= x_vp/√ᾱ)."""
-    s = _per_sample(sigma, x_vp)
+    s = per_sample(sigma, x_vp)
     return x_vp * torch.sqrt(1 + s * s).to(x_vp.dtype)
 
 
 def k_to_vp(x_k: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """k-diffusion latent → VP latent: x_vp = x_k/√(1+σ²)."""
-    s = _per_sample(sigma, x_k)
+    s = per_sample(sigma, x_k)
     return x_k / torch.sqrt(1 + s * s).to(x_k.dtype)
 
 
 def eps_from_denoised_k(x_k: torch.Tensor, denoised: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """ε from ComfyUI's output (denoised x0 for the k-space input x_k = x0 + σ ε): ε = (x_k − x0)/σ."""
-    s = _per_sample(sigma, x_k)
+    s = per_sample(sigma, x_k)
     return (x_k.float() - denoised.float()) / s

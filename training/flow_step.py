@@ -18,19 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .ddim import per_sample
+
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def _per_sample(value: float | torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
-    """A scalar or (B,) tensor as fp32, shaped to broadcast against `like` (B, ...)."""
-    v = torch.as_tensor(value, dtype=torch.float32, device=like.device)
-    if v.ndim == 1:
-        if v.shape[0] != like.shape[0]:
-            raise ValueError(f"per-sample {what} has {v.shape[0]} entries for a batch of {like.shape[0]}")
-        v = v.reshape(-1, *([1] * (like.ndim - 1)))
-    elif v.ndim != 0:
-        raise ValueError(f"{what} must be a scalar or a (B,) tensor, got shape {tuple(v.shape)}")
-    return v
 
 
 def flow_sde_std(t: torch.Tensor, t_prev: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
@@ -54,9 +44,9 @@ def flow_sde_step(x_t: torch.Tensor, velocity: torch.Tensor, t: float | torch.Te
         raise ValueError("pass exactly one of `noise` (to sample) or `prev_sample` (to score a stored step)")
     x = x_t.float()
     v = velocity.float()
-    tt = _per_sample(t, x, "t")
-    tp = _per_sample(t_prev, x, "t_prev")
-    a = _per_sample(noise_level, x, "noise_level")
+    tt = per_sample(t, x, "t")
+    tp = per_sample(t_prev, x, "t_prev")
+    a = per_sample(noise_level, x, "noise_level")
     if bool((tp >= tt).any()) or bool((tp < 0).any()) or bool((tt > 1).any()):
         raise ValueError("a flow step goes from t to a smaller t_prev, both in [0, 1]")
     if bool((a < 0).any()):
@@ -77,7 +67,7 @@ def flow_sde_step(x_t: torch.Tensor, velocity: torch.Tensor, t: float | torch.Te
 
 def velocity_from_denoised(x_t: torch.Tensor, denoised: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """v = (x_t − x0)/t: the velocity of a ComfyUI CONST (flow) model from its denoised output (x0 = x − t·v)."""
-    tt = _per_sample(t, x_t, "t")
+    tt = per_sample(t, x_t, "t")
     return (x_t.float() - denoised.float()) / tt
 
 
@@ -131,5 +121,5 @@ class FlowSchedule:
     def x0(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
         """The clean latent the velocity implies at step `index`: x − t·v, fp32."""
         t = self.times[torch.as_tensor(index)]
-        t = _per_sample(t.expand(x.shape[0]) if t.ndim == 0 else t, x, "t")
+        t = per_sample(t.expand(x.shape[0]) if t.ndim == 0 else t, x, "t")
         return x.float() - t * pred.float()
