@@ -647,3 +647,13 @@ def test_rwr_gradient_pulls_the_prediction_towards_the_better_images_of_a_group(
 def test_sde_steps_must_fit_the_training_window():
     with pytest.raises(Exception, match="sde_steps = 4 is more than the 3 steps"):
         trainer(sde_steps=4, train_window=0.5)
+
+
+def test_branch_sampling_with_a_cross_prompt_advantage_warns():
+    from texforce_pack.training.config import make_config, validate
+
+    for advantage in ("batch", "per_prompt"):
+        warnings = validate(make_config("fast", advantage=advantage))
+        assert any("sde_steps" in w and repr(advantage) in w and "group_mean" in w for w in warnings), warnings
+    assert not any("sde_steps" in w for w in validate(make_config("fast")))
+    assert not any("sde_steps" in w for w in validate(make_config("fast", advantage="batch", sde_steps=0)))

@@ -276,6 +276,11 @@ def validate(cfg: TrainConfig, schedule_length: int | None = 1000) -> list[str]:
             errors.append(f"stat_min_count = {cfg.stat_min_count} is larger than stat_buffer_size = "
                           f"{cfg.stat_buffer_size}: no prompt could ever use its own statistics; make the buffer "
                           "at least as large as min_count")
+        if cfg.sde_steps > 0 and cfg.advantage in ("batch", "per_prompt"):
+            warnings.append(f"branch sampling (sde_steps {cfg.sde_steps}) makes a prompt's images differ only by the "
+                            f"noise of their branch steps, which a group baseline isolates; advantage "
+                            f"{cfg.advantage!r} compares them with other prompts' images instead, so prompt difficulty "
+                            "becomes advantage noise. Use advantage 'group_mean' or 'group'")
         if cfg.loss == "sf" and optimizer_steps_per_epoch(cfg) > 1:
             warnings.append("loss 'sf' (REINFORCE) is only unbiased for the first optimizer step after sampling; "
                             f"this config takes {optimizer_steps_per_epoch(cfg)} per epoch. Set "
