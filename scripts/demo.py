@@ -33,11 +33,11 @@ from comfy_server import ComfyClient, comfy_host, start_test_server  # noqa: E40
 log = logging.getLogger("texforce.demo")
 STATE_FILE = "demo_server.json"  # in the base directory: the server this demo left running
 EVAL_SEED = 1234
-# TexForce Train on the toy with the `fast` preset's values: 20 steps, 64 images per epoch (8 prompts × 8,
+# TexForce Train on the toy with the `fast` preset's values: 20 steps, 128 images per epoch (16 prompts × 8,
 # group_mean advantages), branch sampling at one step with reward-weighted regression (sde_steps 1, loss rwr),
-# micro-batches of 16 (4 optimizer steps per epoch), learning rate 1e-3, LoRA rank 16 (README: "What training does
+# batches of 32 (4 optimizer steps per epoch), learning rate 1e-3, LoRA rank 16 (README: "What training does
 # to a pretrained model")
-TRAIN = {"preset": "fast", "images_per_epoch": 64, "images_per_prompt": 8, "batch_size": 16, "width": 0, "height": 0,
+TRAIN = {"preset": "fast", "images_per_epoch": 128, "images_per_prompt": 8, "batch_size": 32, "width": 0, "height": 0,
          "steps": 20, "guidance": 5.0, "eta": 1.0, "learning_rate": 1e-3, "lora_rank": 16, "kl_weight": -1.0,
          "advantage": "preset", "seed": 0, "resume": True, "optimizer_steps": 0, "text_encoders": "all",
          "sde_steps": -1}
@@ -57,7 +57,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs (about 12 s each on 2 CPU cores)")
+    parser.add_argument("--epochs", type=int, default=32, help="training epochs (about 20 s each on 2 CPU cores)")
     parser.add_argument("--images-per-prompt", type=int, default=None,
                         help="noises per held-out prompt in the before/after comparison (default: 16 for the 24 "
                              "prompts, 4 for the 168 rephrased ones)")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.time()
         log.info("training %s on the embedded toy model for %d epochs (toy alignment reward, preset fast; about "
-                 "15 s an epoch on 2 CPU cores), then comparing before/after on %d held-out prompts × %d noises ...",
+                 "20 s an epoch on 2 CPU cores), then comparing before/after on %d held-out prompts × %d noises ...",
                  name, args.epochs, held_out, images_per_prompt)
         entry = client.run(workflow(name, args.epochs, images_per_prompt, args.seed, args.phrasing,
                                     dict(args.overrides)), timeout=3600,

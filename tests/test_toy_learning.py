@@ -18,8 +18,24 @@ from texforce_pack.training.config import make_config
 from texforce_pack.training.hosts.comfy import ComfyHost
 from texforce_pack.training.loop import Trainer
 
-# held-out alignment must rise by more than this many paired standard errors (seed 0 through the node: +6.0)
+# held-out alignment must rise by more than this many paired standard errors (seed 0 through the node: +4.5)
 MARGIN = 3.0
+
+
+@pytest.fixture(scope="module")
+def one_thread_server(tmp_path_factory):
+    """A ComfyUI of its own with one CPU thread, as the README's measurements ran: float sums depend on the thread
+    count, so this reproduces the measured run (seed 0: +4.5 standard errors) rather than a neighbour of it."""
+    from comfy_server import ComfyClient, start_test_server, stop_server
+
+    base = tmp_path_factory.mktemp("comfy_one_thread")
+    srv = start_test_server(base, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    client = ComfyClient(srv.url)
+    client.base = base
+    try:
+        yield client
+    finally:
+        stop_server(srv)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +63,15 @@ def test_the_shipped_toy_model_is_good_but_not_perfect(toy):
     assert float(other.mean()) < float(soft.mean()) - 0.15, float(other.mean())  # measured ≈ 0.6
 
 
-@pytest.mark.timeout(2400)  # ≈ 10 min on 2 idle cores; more on a busy machine
-def test_train_through_the_server_improves_held_out_prompts(server):
+@pytest.mark.timeout(3000)  # ≈ 15–20 min on one thread; more on a busy machine
+def test_train_through_the_server_improves_held_out_prompts(one_thread_server):
     """make demo's workflow as it ships (toy checkpoint with its rephrased prompts → TexForce Train, `fast` preset,
-    40 epochs × 64 images on the 504 training prompts → TexForce Compare on the 168 held-out ones × 4 noises), seed
+    32 epochs × 128 images on the 504 training prompts → TexForce Compare on the 168 held-out ones × 4 noises), seed
     0, in a real ComfyUI: held-out alignment rises by more than MARGIN paired standard errors (README, "What
     training does to a pretrained model"). The previous `fast` (PPO at every stochastic step) gave −0.4 standard
     errors on these prompts through the Python API. The LoRA, grid and reward curve are written where the demo
     says."""
+    server = one_thread_server
     import importlib.util
 
     from conftest import REPO
@@ -62,8 +79,8 @@ def test_train_through_the_server_improves_held_out_prompts(server):
     spec = importlib.util.spec_from_file_location("texforce_demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    entry = server.run(demo.workflow("toy_learning", epochs=40, images_per_prompt=4, seed=0, phrasing="rephrased"),
-                       timeout=2400)
+    entry = server.run(demo.workflow("toy_learning", epochs=32, images_per_prompt=4, seed=0, phrasing="rephrased"),
+                       timeout=3000)
     assert entry["status"]["status_str"] == "success"
     result = entry["outputs"]["compare"]["texforce_compare"][0]
     assert result["n"] == 672 and result["prompts"] == 168 and result["reward"] == "toy_alignment_soft"
