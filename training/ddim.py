@@ -68,22 +68,19 @@ class DDIMSchedule:
     # `index` is one step for the whole batch (int) or each sample's own step ((B,) long tensor).
     def model_time(self, index: int | torch.Tensor, batch: int) -> torch.Tensor:
         """What the host's predictor takes for step `index`: the DDPM timestep, (B,)."""
-        t = self.timesteps[index]
-        return t.expand(batch) if t.ndim == 0 else t
+        return per_batch(self.timesteps[index], batch)
 
     def step(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor, eta: float | torch.Tensor,
              noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """ddim_step for step `index` with the predictor's ε̂: (prev_sample, log_prob, mean, std)."""
-        at, ap = self.abar_t[index], self.abar_prev[index]
-        if at.ndim == 0:
-            at, ap = at.expand(x.shape[0]), ap.expand(x.shape[0])
-        return ddim_step(x, pred, at, ap, eta, noise=noise, prev_sample=prev_sample)
+        b = x.shape[0]
+        return ddim_step(x, pred, per_batch(self.abar_t[index], b), per_batch(self.abar_prev[index], b), eta,
+                         noise=noise, prev_sample=prev_sample)
 
     def x0(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
         """The clean latent the prediction implies at step `index`: (x − √(1−ᾱ)·ε̂)/√ᾱ, fp32."""
-        abar = per_sample(self.abar_t[index].expand(x.shape[0]) if self.abar_t[index].ndim == 0
-                           else self.abar_t[index], x)
+        abar = per_sample(self.abar_t[index], x)
         return (x.float() - torch.sqrt(1 - abar) * pred.float()) / torch.sqrt(abar)
 
 
@@ -99,6 +96,11 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int, steps_offset: in
     prev = timesteps - total // num_steps
     abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], abar[0])
     return DDIMSchedule(timesteps, abar[timesteps].clone(), abar_prev)
+
+
+def per_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
+    """A schedule entry for a whole batch: one step's 0-dim value repeated (B,), or per-sample values as they are."""
+    return value.expand(batch) if value.ndim == 0 else value
 
 
 def per_sample(value: float | torch.Tensor, like: torch.Tensor, what: str = "ᾱ") -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ddim import per_sample
+from .ddim import per_batch, per_sample
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -105,21 +105,16 @@ class FlowSchedule:
         return FlowSchedule(self.times.to(device))
 
     def model_time(self, index: int | torch.Tensor, batch: int) -> torch.Tensor:
-        t = self.times[index]
-        return t.expand(batch) if t.ndim == 0 else t
+        return per_batch(self.times[index], batch)
 
     def step(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor, eta: float | torch.Tensor,
              noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """flow_sde_step from times[index] to times[index + 1] with the predicted velocity."""
-        index = torch.as_tensor(index)
-        t, t_prev = self.times[index], self.times[index + 1]
-        if t.ndim == 0:
-            t, t_prev = t.expand(x.shape[0]), t_prev.expand(x.shape[0])
-        return flow_sde_step(x, pred, t, t_prev, eta, noise=noise, prev_sample=prev_sample)
+        index, b = torch.as_tensor(index), x.shape[0]
+        return flow_sde_step(x, pred, per_batch(self.times[index], b), per_batch(self.times[index + 1], b), eta,
+                             noise=noise, prev_sample=prev_sample)
 
     def x0(self, x: torch.Tensor, pred: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
         """The clean latent the velocity implies at step `index`: x − t·v, fp32."""
-        t = self.times[torch.as_tensor(index)]
-        t = per_sample(t.expand(x.shape[0]) if t.ndim == 0 else t, x, "t")
-        return x.float() - t * pred.float()
+        return x.float() - per_sample(self.times[torch.as_tensor(index)], x, "t") * pred.float()
