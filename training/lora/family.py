@@ -1,4 +1,4 @@
-"""The model-family registry: every family the pack knows (SD 1.x, SD 2.x, SDXL) as one `Family` entry.
+"""The model-family registry: every family the pack knows (SD 1.x, SD 2.x, SDXL, SD 3.x, Flux) as one `Family` entry.
 
 What a family is (its text encoders, their LoRA file slots and diffusers names, what the U-Net reads, its
 native size, how files name it) is written here and nowhere else: the LoRA loader, Fuse, the converter,
@@ -14,20 +14,22 @@ from typing import Iterable
 
 @dataclass(frozen=True)
 class Encoder:
-    """A released CLIP text encoder, as ComfyUI names it (`clip_l`: the CLIP's attribute and the
+    """A released text encoder, as ComfyUI names it (`clip_l`: the CLIP's attribute and the
     `text_encoders.clip_l.` LoRA keys)."""
 
     name: str
     label: str
     width: int  # hidden width of the released encoder: what tells a lone encoder's LoRA apart
-    activation: str  # hidden_act of its transformers config: tells CLIP-L from OpenCLIP-H in a pipeline
+    activation: str  # hidden_act (T5: dense_act_fn) of its transformers config: tells CLIP-L from OpenCLIP-H
     pads_with_end_token: bool  # ComfyUI pads its tokens with the end token (else with id 0)
+    arch: str = "clip"  # "clip" (layers named text_model.encoder.layers.N) or "t5" (encoder.block.N)
 
 
 ENCODERS = {e.name: e for e in (
     Encoder("clip_l", "CLIP-L", 768, "quick_gelu", True),  # OpenAI CLIP ViT-L/14
     Encoder("clip_h", "OpenCLIP-H", 1024, "gelu", False),  # OpenCLIP ViT-H/14
     Encoder("clip_g", "CLIP-G", 1280, "gelu", False),  # OpenCLIP ViT-bigG/14
+    Encoder("t5xxl", "T5-XXL", 4096, "gelu_new", False, arch="t5"),  # Google T5 v1.1 XXL, encoder only
 )}
 
 
@@ -36,7 +38,7 @@ class Member:
     """One text encoder of a family, as LoRA files and diffusers pipelines name it."""
 
     encoder: str
-    slot: str  # kohya file slot (`lora_<slot>_` keys): te for a lone encoder, te1/te2 for two
+    slot: str  # kohya file slot (`lora_<slot>_` keys): te for a lone encoder, te1/te2 for two, te3 for T5
     pipeline: str  # diffusers pipeline attribute, and the `<pipeline>.` prefix of diffusers LoRA keys
 
 
@@ -55,6 +57,8 @@ class Family:
     kohya_v2: bool | None = None  # kohya's ss_v2 for it; None: older kohya files never meant it
     pooled: str | None = None  # the encoder whose projected pooled output conditions the U-Net
     diffusers_truncated: bool = False  # diffusers' text encoder ends at the layer the U-Net reads
+    flow: bool = False  # a rectified-flow model (velocity prediction, Flow-GRPO's SDE instead of DDIM)
+    distilled_guidance: bool = False  # guidance is an input of the model (Flux), not a second, negative pass
 
     @property
     def encoders(self) -> tuple[str, ...]:
@@ -83,12 +87,24 @@ FAMILIES = {f.id: f for f in (
            size=1024, v_size=1024, kohya_version="sdxl_base_v1-0",
            version_markers=("sdxl", "stable-diffusion-xl"), comfy_config="SDXL", pooled="clip_g",
            diffusers_pipeline="StableDiffusionXLPipeline", checkpoint_prefix="conditioner.embedders.1."),
+    # SD 3.x and Flux name T5 te3 in kohya files, as kohya's sd-scripts and ComfyUI's loader do (Flux files from
+    # OneTrainer and early sd-scripts say te2: keys.py reads a T5-shaped module as te3 whatever its slot says)
+    Family("sd3", "SD 3.x", (Member("clip_l", "te1", "text_encoder"), Member("clip_g", "te2", "text_encoder_2"),
+                             Member("t5xxl", "te3", "text_encoder_3")),
+           size=1024, v_size=1024, kohya_version="sd3", version_markers=("sd3", "stable-diffusion-3"),
+           comfy_config="SD3", diffusers_pipeline="StableDiffusion3Pipeline",
+           checkpoint_prefix="model.diffusion_model.joint_blocks.", flow=True),
+    Family("flux", "Flux", (Member("clip_l", "te1", "text_encoder"), Member("t5xxl", "te3", "text_encoder_2")),
+           size=1024, v_size=1024, kohya_version="flux1", version_markers=("flux",), comfy_config="Flux",
+           diffusers_pipeline="FluxPipeline", checkpoint_prefix="model.diffusion_model.double_blocks.",
+           flow=True, distilled_guidance=True),
 )}
 
 # Views of the registry, by name
 ENCODER_LABELS = {e.name: e.label for e in ENCODERS.values()}
 RELEASED_WIDTHS = {e.width: e.name for e in ENCODERS.values()}
-FILE_SLOTS = tuple(sorted({m.slot for f in FAMILIES.values() for m in f.members}))  # te, te1, te2: lora_<slot>_
+FILE_SLOTS = tuple(sorted({m.slot for f in FAMILIES.values() for m in f.members}))  # te, te1, te2, te3: lora_<slot>_
+T5_SLOT = "te3"  # every T5 module is te3 in the files the pack writes
 
 
 def _pipeline_prefixes() -> tuple[tuple[str, str], ...]:
@@ -103,15 +119,19 @@ def _pipeline_prefixes() -> tuple[tuple[str, str], ...]:
 
 PIPELINE_PREFIXES = _pipeline_prefixes()
 
-# CLIP text-encoder layer names. Module paths follow Hugging Face's CLIPTextModel, which ComfyUI's CLIP state
-# dict also uses under `<encoder>.transformer.`; LoRAs are trained on the attention projections.
+# Text-encoder layer names. Module paths follow Hugging Face's CLIPTextModel and T5EncoderModel, which ComfyUI's
+# CLIP state dict also uses under `<encoder>.transformer.`; LoRAs are trained on the attention projections.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+T5_PROJECTIONS = ("q", "k", "v", "o")
 _ENCODER = "|".join(ENCODERS)
 _LAYER = r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
+_T5_LAYER = r"encoder\.block\.(\d+)\.(layer\.0\.SelfAttention\.[qkvo]|layer\.1\.DenseReluDense\.(?:wi_0|wi_1|wi|wo))"
 _COMFY_KEY = re.compile(rf"^({_ENCODER})\.transformer\.(.+)$")
 # transformers 4 names CLIP layers text_model.encoder.layers.N..., transformers 5 encoder.layers.N...
 _HF_LAYER = re.compile(rf"(?:^|\.){_LAYER}$")
+_T5_PATH = re.compile(rf"^{_T5_LAYER}$")
 _KOHYA_LAYER = re.compile("^text_model_" + _LAYER.replace(r"\.", "_") + "$")
+_KOHYA_T5_LAYER = re.compile("^" + _T5_LAYER.replace(r"\.", "_") + "$")
 
 
 def module_path(layer: int, part: str) -> str:
@@ -119,10 +139,24 @@ def module_path(layer: int, part: str) -> str:
     return f"text_model.encoder.layers.{layer}.{part}"
 
 
+def t5_module_path(block: int, part: str) -> str:
+    """(3, 'layer.0.SelfAttention.q') -> 'encoder.block.3.layer.0.SelfAttention.q' (T5EncoderModel's and ComfyUI's)."""
+    return f"encoder.block.{block}.{part}"
+
+
+def is_t5_path(path: str) -> bool:
+    """Whether a module path is a T5 encoder block's (what makes a module T5's whatever slot a file gave it)."""
+    return _T5_PATH.match(path) is not None
+
+
 def attention_path(name: str) -> str | None:
-    """The module path of an attention projection under any transformers naming of a CLIP layer, else None."""
+    """The module path of an attention projection under any transformers naming of a CLIP layer or a T5 block
+    (q/k/v/o of SelfAttention), else None."""
     m = _HF_LAYER.search(name)
-    return module_path(int(m.group(1)), m.group(2)) if m and m.group(2).startswith("self_attn.") else None
+    if m:
+        return module_path(int(m.group(1)), m.group(2)) if m.group(2).startswith("self_attn.") else None
+    m = re.search(rf"(?:^|\.){_T5_LAYER}$", name)
+    return t5_module_path(int(m.group(1)), m.group(2)) if m and "SelfAttention" in m.group(2) else None
 
 
 def comfy_encoder_module(name: str) -> tuple[str, str] | None:
@@ -132,11 +166,16 @@ def comfy_encoder_module(name: str) -> tuple[str, str] | None:
 
 
 def kohya_module_to_path(name: str) -> str | None:
-    """'text_model_encoder_layers_3_self_attn_q_proj' -> 'text_model.encoder.layers.3.self_attn.q_proj'."""
+    """'text_model_encoder_layers_3_self_attn_q_proj' -> 'text_model.encoder.layers.3.self_attn.q_proj';
+    'encoder_block_3_layer_0_SelfAttention_q' -> 'encoder.block.3.layer.0.SelfAttention.q'."""
     m = _KOHYA_LAYER.match(name)
-    if not m:
-        return None
-    return module_path(int(m.group(1)), m.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp."))
+    if m:
+        return module_path(int(m.group(1)), m.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp."))
+    m = _KOHYA_T5_LAYER.match(name)
+    if m:
+        part = re.sub(r"^layer_(\d)_(SelfAttention|DenseReluDense)_", r"layer.\1.\2.", m.group(2))
+        return t5_module_path(int(m.group(1)), part)
+    return None
 
 
 def path_to_kohya_module(path: str) -> str:
@@ -145,7 +184,7 @@ def path_to_kohya_module(path: str) -> str:
 
 # -- lookups ----------------------------------------------------------------------------------------------
 def family_of_encoders(names: Iterable[str]) -> str | None:
-    """The family whose text encoders are exactly these; None for anything else (refiner, SD3, Flux...)."""
+    """The family whose text encoders are exactly these; None for anything else (an SDXL refiner, SD3 without T5...)."""
     s = set(names)
     return next((f.id for f in FAMILIES.values() if set(f.encoders) == s), None)
 
@@ -157,14 +196,18 @@ def family_of_comfy_config(config: object) -> str | None:
 
 
 def slot_for_encoder(encoder: str, encoders: Iterable[str]) -> str:
-    """The kohya slot of an encoder within a model with these encoders (SDXL: te1/te2; a lone encoder: te)."""
+    """The kohya slot of an encoder within a model with these encoders (SDXL: te1/te2; a lone encoder: te; T5: te3)."""
+    if ENCODERS[encoder].arch == "t5":
+        return T5_SLOT
     family = family_of_encoders(encoders)
     return FAMILIES[family].slot(encoder) if family else "te"
 
 
 def encoders_for_slot(slot: str, encoders: list[str]) -> list[str]:
     """The encoders of a model that a file slot can mean: an encoder name means itself; te / te1 the first
-    encoder (a lone-encoder file's te is SDXL's CLIP-L too); te2 the family's second."""
+    encoder (a lone-encoder file's te is SDXL's CLIP-L too); te2 the family's second; te3 T5."""
+    if slot == T5_SLOT:
+        return [e for e in encoders if ENCODERS[e].arch == "t5"]
     if slot in ENCODERS:
         return [slot] if slot in encoders else []
     family = family_of_encoders(encoders)
@@ -204,7 +247,7 @@ def listed(words: Iterable[str], last: str = "or") -> str:
 
 
 def family_names(last: str = "or") -> str:
-    """'SD 1.x, SD 2.x or SDXL': every family, for messages that say what the pack supports."""
+    """'SD 1.x, SD 2.x, SDXL, SD 3.x or Flux': every family, for messages that say what the pack supports."""
     return listed((f.name for f in FAMILIES.values()), last)
 
 

@@ -33,32 +33,50 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
 def _q_widths(lora: LoraSet) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
     for (slot, path), m in lora.modules.items():
-        if path.endswith("self_attn.q_proj"):
+        if path.endswith(("self_attn.q_proj", "SelfAttention.q")):
             out.setdefault(slot, set()).add(int(m.down.shape[1]))
     return out
 
 
+def lora_families(lora: LoraSet) -> list[str]:
+    """Every family whose files can hold all of this LoRA's slots (registry order): te1 + te2 fits SDXL and SD 3.x,
+    te3 (T5) SD 3.x and Flux."""
+    slots = set(lora.slots)
+    return [f.id for f in FAMILIES.values() if slots and all(f.id in _owners(s) for s in slots)]
+
+
 def lora_family(lora: LoraSet) -> str | None:
+    return _identify(lora)[0]
+
+
+def _identify(lora: LoraSet) -> tuple[str | None, bool]:
     """The family a text-encoder LoRA is for, when its keys, metadata or widths say so (None when they do not).
 
-    A slot only one family has names it (te1/te2, text_encoder_2, clip_g: SDXL; clip_h: SD 2.x); then the
-    file's metadata; then the width of a single encoder, when that encoder is a one-encoder family's and no
-    other family's (1024: OpenCLIP-H, SD 2.x), or the file names it as a lone te (768 CLIP-L: SD 1.x; SDXL's
-    files say te1). Files of other widths (and single CLIP-L files named by ComfyUI keys) stay unknown.
+    Slots only one family has name it (te1 + te2 + te3: SD 3.x; clip_h: SD 2.x); then the file's metadata, when
+    it names a family that fits; then the width of a single encoder, when that encoder is a one-encoder family's
+    and no other family's (1024: OpenCLIP-H, SD 2.x), or the file names it as a lone te (768 CLIP-L: SD 1.x);
+    then the family whose encoders the file has exactly (te1 + te2: SDXL; te1 + te3: Flux); then the one
+    family that fits without T5 (a te1-only or te2-only file: SDXL, whose files they usually are). Files that
+    stay ambiguous (T5 alone, single CLIP-L files named by ComfyUI keys) are unknown. The flag says whether the
+    answer is certain (the last two rules are likelihoods, which other families the slots fit may share).
     """
     slots = set(lora.slots)
-    for family in sorted(FAMILIES.values(), key=lambda f: -len(f.members)):
-        if any(_owners(s) == {family.id} for s in slots):
-            return family.id
+    candidates = lora_families(lora)
+    if len(candidates) == 1:
+        return candidates[0], True
     meta = family_from_metadata(lora.metadata)
-    if meta:
-        return meta
+    if meta and (not candidates or meta in candidates):
+        return meta, True
     kinds = {RELEASED_WIDTHS.get(w) for ws in _q_widths(lora).values() for w in ws}
     encoder = next(iter(kinds)) if len(kinds) == 1 else None
     for family in FAMILIES.values():
         if encoder and family.encoders == (encoder,) and (slots == {"te"} or _owners(encoder) == {family.id}):
-            return family.id
-    return None
+            return family.id, True
+    exact = [f for f in candidates if slots in ({m.slot for m in FAMILIES[f].members}, set(FAMILIES[f].encoders))]
+    if len(exact) == 1:
+        return exact[0], False
+    older = [f for f in candidates if not FAMILIES[f].flow]
+    return (older[0] if len(older) == 1 and slots != {"clip_l"} else None), False
 
 
 def lora_shape(lora: LoraSet) -> str:
@@ -76,8 +94,13 @@ def describe_lora(lora: LoraSet, family: str | None = None) -> str:
 
 
 def family_mismatch(lora: LoraSet, clip_family: str | None) -> str | None:
-    """'this LoRA is for SDXL (CLIP-L + CLIP-G) but the CLIP is SD 1.x (CLIP-L)', or None when nothing says so."""
-    file_family = lora_family(lora)
+    """'this LoRA is for SDXL (CLIP-L + CLIP-G) but the CLIP is SD 1.x (CLIP-L)', or None when nothing says so.
+
+    A file whose slots fit several families and whose metadata names none (a te1 + te2 file: SDXL or SD 3.x,
+    whose CLIP-L and CLIP-G are the same encoders) is not refused on any of them."""
+    file_family, certain = _identify(lora)
     if file_family is None or clip_family is None or file_family == clip_family:
+        return None
+    if not certain and clip_family in lora_families(lora):
         return None
     return f"this LoRA is for {FAMILIES[file_family].label} but the CLIP is {FAMILIES[clip_family].label}"

@@ -1,7 +1,10 @@
 """Key grammar of every text-encoder LoRA layout, mapped onto one (slot, module path) form.
 
-Module paths use Hugging Face CLIPTextModel naming (``text_model.encoder.layers.3.self_attn.q_proj``),
-which is what ComfyUI's CLIP state dict uses under ``clip_l.transformer.`` etc.
+Module paths use Hugging Face CLIPTextModel naming (``text_model.encoder.layers.3.self_attn.q_proj``) and
+T5EncoderModel naming (``encoder.block.3.layer.0.SelfAttention.q``), which is what ComfyUI's CLIP state dict
+uses under ``clip_l.transformer.`` / ``t5xxl.transformer.`` etc. A T5 module is slot te3 whatever slot or
+pipeline prefix its file gave it: Flux files say te2 (OneTrainer, early sd-scripts) or `text_encoder_2.`
+(diffusers), SD 3.x files te3 / `text_encoder_3.`.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import re
 
 import torch
 
-from .family import ENCODERS, FILE_SLOTS, PIPELINE_PREFIXES, kohya_module_to_path
+from .family import ENCODERS, FILE_SLOTS, PIPELINE_PREFIXES, T5_SLOT, is_t5_path, kohya_module_to_path
 from .types import LoraModule, LoraSet
 
 # Suffix → which half of the LoRA it is. Longest first, so ".lora_A.default.weight" wins over ".weight" forms.
@@ -92,7 +95,8 @@ def parse_state_dict(sd: dict[str, torch.Tensor], source: str, peft_config: dict
 
     lora = LoraSet(source=source, format="")
     formats: set[str] = set()
-    has_te2 = any(slot == "te2" for _, slot, _ in halves)
+    # a diffusers/PEFT `text_encoder.` beside a second encoder (CLIP-G, or T5) is te1, as in kohya files
+    has_te2 = any(slot in ("te2", T5_SLOT) or is_t5_path(path) for _, slot, path in halves)
     for (fmt, slot, path), parts in halves.items():
         if "down" not in parts or "up" not in parts:
             # An orphan half (or a lone alpha) cannot be applied: keep it visible as unmatched.
@@ -112,7 +116,9 @@ def parse_state_dict(sd: dict[str, torch.Tensor], source: str, peft_config: dict
             alpha = peft_scale(peft_config, path, rank) * rank
         else:
             alpha = float(rank)  # no alpha stored: scale 1.0, as ComfyUI, kohya and A1111 do
-        if fmt in ("diffusers", "peft") and slot == "te" and has_te2:
+        if slot not in ENCODERS and is_t5_path(path):
+            slot = T5_SLOT
+        elif fmt in ("diffusers", "peft") and slot == "te" and has_te2:
             slot = "te1"
         lora.modules[(slot, path)] = LoraModule(down=down, up=up, alpha=alpha)
         formats.add(fmt)
