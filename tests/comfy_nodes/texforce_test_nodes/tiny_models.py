@@ -3,6 +3,9 @@
 Key names and module structure are those of the real checkpoints (clip_l / clip_g / clip_h under
 `<enc>.transformer.text_model...`, U-Nets under `diffusion_model.`), only the widths are small:
 CLIP-L 32 (3 layers), CLIP-H 40 (3), CLIP-G 48 (4), so a LoRA for one encoder can never fit another by accident.
+T5-XXL (SD 3.x, Flux: comfy's own SD3ClipModel / FluxClipModel with sizes overridden) has 2 blocks of 2 heads × 8;
+its width is 4096 on SD 3.x, whose CLIP pads CLIP-L + CLIP-G to 4096 and joins T5's tokens to them, and 64 on
+Flux (a 4096-wide T5 is a 32128 × 4096 embedding: 0.5 GB in fp32).
 U-Nets per family (tiny_unet): SD 1.5 config (context 32), SD 2.x config (context 40, linear transformers,
 v-prediction like 2.x-768-v), SDXL config (context 32 + 48 = 80, label embedding of CLIP-G's pooled output
 plus ComfyUI's six size embeddings, i.e. 48 + 6·256 inputs), each in ComfyUI's own model class.
@@ -65,7 +68,33 @@ class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
         self.dtypes = {dtype}
 
 
+def t5_config(width: int) -> dict:
+    return {"d_model": width, "d_ff": 32, "num_layers": 2, "num_heads": 2, "d_kv": 8}
+
+
+T5_WIDTHS = {"sd3": 4096, "flux": 64}
+
+
+def _flow_clip_options(family: str) -> dict:
+    """model_options that make comfy's SD 3.x / Flux text encoders tiny (SDClipModel reads <name>_model_config)."""
+    sizes = {name: {k: v for k, v in clip_config(*WIDTHS[name]).items() if k in (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "projection_dim", "hidden_act")}
+        for name in ("clip_l", "clip_g")}
+    sizes["clip_g"]["hidden_act"] = "gelu"  # OpenCLIP bigG, as comfy's clip_config_bigg.json
+    options = {"t5xxl_model_config": t5_config(T5_WIDTHS[family]), "clip_l_model_config": sizes["clip_l"]}
+    if family == "sd3":
+        options["clip_g_model_config"] = sizes["clip_g"]
+    return options
+
+
 def _make_clip(family: str):
+    if family in ("sd3", "flux"):
+        import comfy.text_encoders.flux
+        import comfy.text_encoders.sd3_clip
+
+        if family == "sd3":
+            return _Target(comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip())
+        return _Target(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
     if family == "sd1":
         return _Target(comfy.sd1_clip.SD1Tokenizer,
                        functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=_encoder("clip_l")))
@@ -79,7 +108,8 @@ def _make_clip(family: str):
 
 
 def tiny_clip(family: str = "sd1", seed: int = 0, text_controls_image: bool = False) -> comfy.sd.CLIP:
-    clip = comfy.sd.CLIP(target=_make_clip(family), model_options={"dtype": torch.float32})
+    options = {"dtype": torch.float32, **(_flow_clip_options(family) if family in T5_WIDTHS else {})}
+    clip = comfy.sd.CLIP(target=_make_clip(family), model_options=options)
     if text_controls_image:
         init_fan_in(clip.cond_stage_model, seed)
     else:
