@@ -32,8 +32,10 @@ from .reward_nodes import Reward
 log = logging.getLogger(__name__)
 LORA_SUBFOLDER = "texforce"
 EVENT = "texforce.progress"
-# text_encoders setting -> the encoders ComfyHost trains (None: every CLIP text encoder of the model)
-ENCODER_CHOICES = {"all": None, "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
+# text_encoders setting -> the encoders ComfyHost trains (None: every text encoder of the model it covers)
+ENCODER_CHOICES = {"all": None, "clip_l": ["clip_l"], "clip_g": ["clip_g"], "t5xxl": ["t5xxl"],
+                   "clip_l+clip_g": ["clip_l", "clip_g"], "clip_l+t5xxl": ["clip_l", "t5xxl"],
+                   "clip_g+t5xxl": ["clip_g", "t5xxl"]}
 # gradient_checkpointing setting -> ComfyHost's (None: on unless the model runs on the CPU)
 CHECKPOINTING_CHOICES = {"auto": None, "on": True, "off": False}
 # optimizer steps per epoch when the node's optimizer_steps is 0 (auto)
@@ -118,7 +120,12 @@ def node_config(*, preset: str, epochs: int, images_per_epoch: int, images_per_p
 def check_memory(host: ComfyHost, cfg: TrainConfig) -> None:
     """Before the first epoch: the run's estimated peak memory (training/memory_plan.py) against what ComfyUI
     reports free on the model's device; refuses, saying what to lower, when it cannot fit."""
-    plan = plan_memory(host.memory_inputs(cfg))
+    inputs = host.memory_inputs(cfg)
+    if inputs is None:
+        log.warning("TexForce: no memory plan for this model (the plan counts U-Net layers; SD 3.x and Flux are "
+                    "transformers): an out-of-memory error is not caught before the first epoch.")
+        return
+    plan = plan_memory(inputs)
     available, device = host.available_memory()
     log.info("TexForce memory plan on %s (%.2f GiB available): %s", device, available / 2**30, plan.describe())
     check_fits(plan, available, device)
@@ -173,7 +180,9 @@ class TexForceTrain(io.ComfyNode):
                              tooltip="DDIM steps per sample. Sampling time is linear in it; half are trained "
                                      "(texforce preset)."),
                 io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance, the same at sampling and training."),
+                               tooltip="Classifier-free guidance, the same at sampling and training. On Flux it "
+                                       "is the distilled guidance the model takes as input (~3.5 for Flux dev; "
+                                       "no negative pass, the negative prompt is unused)."),
                 io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="Sampling noise: DDIM's η, or on a flow-matching MODEL Flow-GRPO's noise level a (0.7 "
                                        "there). Must be > 0 (the log-probability needs noise); 1 is DDIM's reference."),
@@ -199,9 +208,11 @@ class TexForceTrain(io.ComfyNode):
                                          "(nothing is overwritten)."),
                 io.Combo.Input("text_encoders", options=list(ENCODER_CHOICES), default="all", optional=True,
                                tooltip="Which text encoder(s) get the LoRA. all: every one the CLIP has (SD 1.x: "
-                                       "CLIP-L, SD 2.x: OpenCLIP-H, SDXL: CLIP-L and CLIP-G). clip_l / clip_g: "
-                                       "SDXL's CLIP-L (te1) or CLIP-G (te2, which also makes the pooled output) "
-                                       "only; an encoder the CLIP does not have is refused."),
+                                       "CLIP-L, SD 2.x: OpenCLIP-H, SDXL: CLIP-L and CLIP-G, SD 3.x: CLIP-L, "
+                                       "CLIP-G and T5-XXL, Flux: CLIP-L and T5-XXL). The others train only those "
+                                       "named: clip_l (te1), clip_g (te2; makes SDXL's pooled output), t5xxl (te3; "
+                                       "what SD 3.x and Flux read most: a T5-XXL LoRA is ~12M parameters at rank "
+                                       "16), or a pair; an encoder the CLIP does not have is refused."),
                 io.Int.Input("optimizer_steps", default=0, min=0, max=4096, optional=True,
                              tooltip="Optimizer steps per epoch: images_per_epoch / batch_size micro-batches are "
                                      "split into this many gradient-accumulation groups. 0 = the preset's (2; "

@@ -1,7 +1,9 @@
 """Training on every family and every choice of text encoder, on the ComfyUI host.
 
 SD 1.x (CLIP-L, eps), SD 2.x (OpenCLIP-H, v-prediction) and SDXL (CLIP-L + CLIP-G, pooled + size conditioning),
-with SDXL trained on both encoders, CLIP-L only (te1) and CLIP-G only (te2). For each: the importance ratio is
+with SDXL trained on both encoders, CLIP-L only (te1) and CLIP-G only (te2); SD 3.x (MMDiT, rectified flow:
+CLIP-L + CLIP-G + T5-XXL) and Flux (guidance-distilled flow transformer: CLIP-L + T5-XXL), each on all its
+encoders and on T5 only (te3). For each: the importance ratio is
 exactly 1 before the first update, gradients reach only the trained encoder's LoRA, one PPO update raises the
 surrogate, and the file we write loads in ComfyUI's stock LoraLoader with the trainer's conditioning.
 Models are built under inference mode, as ComfyUI's nodes run.
@@ -26,12 +28,26 @@ loop = importlib.import_module(f"{pack.__name__}.training.loop")
 PROMPT = "a photo of a cat wearing a hat"
 
 # (family, encoders to train): None trains every encoder of the CLIP
-CASES = [("sd1", None), ("sd2", None), ("sdxl", None), ("sdxl", ["clip_l"]), ("sdxl", ["clip_g"])]
-IDS = ["sd1", "sd2-vpred", "sdxl-both", "sdxl-te1", "sdxl-te2"]
+CASES = [("sd1", None), ("sd2", None), ("sdxl", None), ("sdxl", ["clip_l"]), ("sdxl", ["clip_g"]),
+         ("sd3", None), ("sd3", ["t5xxl"]), ("flux", None), ("flux", ["t5xxl"])]
+IDS = ["sd1", "sd2-vpred", "sdxl-both", "sdxl-te1", "sdxl-te2", "sd3-all", "sd3-te3", "flux-all", "flux-te3"]
 SLOTS = {("sd1", None): {"te"}, ("sd2", None): {"te"}, ("sdxl", None): {"te1", "te2"},
-         ("sdxl", ("clip_l",)): {"te1"}, ("sdxl", ("clip_g",)): {"te2"}}
-LAYERS = {"clip_l": 3, "clip_h": 3, "clip_g": 4}  # tiny_models.WIDTHS
-SLOT_ENCODER = {("sd1", "te"): "clip_l", ("sd2", "te"): "clip_h", ("sdxl", "te1"): "clip_l", ("sdxl", "te2"): "clip_g"}
+         ("sdxl", ("clip_l",)): {"te1"}, ("sdxl", ("clip_g",)): {"te2"}, ("sd3", None): {"te1", "te2", "te3"},
+         ("sd3", ("t5xxl",)): {"te3"}, ("flux", None): {"te1", "te3"}, ("flux", ("t5xxl",)): {"te3"}}
+LAYERS = {"clip_l": 3, "clip_h": 3, "clip_g": 4, "t5xxl": 2}  # tiny_models.WIDTHS, t5_config
+SLOT_ENCODER = {("sd1", "te"): "clip_l", ("sd2", "te"): "clip_h", ("sdxl", "te1"): "clip_l", ("sdxl", "te2"): "clip_g",
+                ("sd3", "te1"): "clip_l", ("sd3", "te2"): "clip_g", ("sd3", "te3"): "t5xxl",
+                ("flux", "te1"): "clip_l", ("flux", "te3"): "t5xxl"}
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
+
+
+def kohya_modules(slot: str, encoder: str) -> list[str]:
+    """The kohya module names of every attention projection of a tiny encoder (CLIP: q/k/v/out; T5: q/k/v/o)."""
+    if encoder == "t5xxl":
+        return [f"lora_{slot}_encoder_block_{i}_layer_0_SelfAttention_{p}"
+                for i in range(LAYERS[encoder]) for p in ("q", "k", "v", "o")]
+    return [f"lora_{slot}_text_model_encoder_layers_{i}_self_attn_{p}_proj"
+            for i in range(LAYERS[encoder]) for p in ("q", "k", "v", "out")]
 
 
 def build(family: str, encoders=None, seed: int = 0, rank: int = 4, learnable: bool = True):
@@ -75,7 +91,7 @@ def test_gradients_reach_only_the_trained_encoders_lora(family, encoders):
             tr.backward_microbatch(traj, torch.arange(4), torch.arange(3).repeat(4, 1), 1.0)
     dead = unused_layers(family)
     for i, (slot, path) in enumerate(host.lora.keys):
-        layer = int(re.search(r"layers\.(\d+)\.", path).group(1))
+        layer = int(re.search(r"(?:layers|block)\.(\d+)\.", path).group(1))
         grads = (host.lora.down[i].grad, host.lora.up[i].grad)
         if (slot, layer) in dead:
             assert all(g is None for g in grads), f"{slot}:{path} does not reach the conditioning"
@@ -96,19 +112,15 @@ def test_written_file_has_kohya_keys_and_loads_in_the_stock_loader_with_identica
     loop.Trainer(host, brightness, PROMPTS, small_config(epochs=1, lr=1e-2)).run(1)
     path = pack.training.lora.save_kohya(host.lora.to_lora_set("trained"), loras_dir / "trained.safetensors",
                                          family=family)
-    # kohya keys as A1111/Forge read them: lora_te_/lora_te1_/lora_te2_, lora_down/lora_up + alpha,
-    # q/k/v/out for every layer of each trained encoder (A1111 applies OpenCLIP q/k/v only all together)
+    # kohya keys as A1111/Forge read them: lora_te_/lora_te1_/lora_te2_/lora_te3_ (T5, as sd-scripts writes it for
+    # SD 3.x and Flux), lora_down/lora_up + alpha, q/k/v/out (T5: q/k/v/o) for every layer of each trained encoder
     slots = SLOTS[(family, tuple(encoders) if encoders else None)]
     with safe_open(str(path), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
-    expected = set()
-    for slot in slots:
-        for layer in range(LAYERS[SLOT_ENCODER[(family, slot)]]):
-            for proj in ("q", "k", "v", "out"):
-                name = f"lora_{slot}_text_model_encoder_layers_{layer}_self_attn_{proj}_proj"
-                expected |= {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"}
+    expected = {f"{name}.{part}" for slot in slots for name in kohya_modules(slot, SLOT_ENCODER[(family, slot)])
+                for part in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert keys == expected
-    assert meta["ss_base_model_version"] == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
+    assert meta["ss_base_model_version"] == BASE_MODEL_VERSION[family]
     # ComfyUI's stock LoraLoader reproduces the conditioning the trainer used (cross-attention and pooled)
     with torch.inference_mode(False), torch.no_grad():
         trained = host.encode([PROMPT])

@@ -5,12 +5,16 @@ What makes gradients flow inside ComfyUI (DESIGN.md §5), all on clones so the u
   save: during the training pass the U-Net's parameters are swapped for frozen aliases of the same storage
   (no copy; restored afterwards), and the CLIP's comfy-op weights get weight wrappers returning detached
   copies (the CLIP is small; its LoRA'd layers need wrappers anyway);
-- the LoRA itself is a weight wrapper on q/k/v/out of every CLIP layer: W + (α/r)·B·A;
-- `CLIPLayer.forward` adds residuals in place, which breaks backward: an out-of-place forward is swapped in
-  per instance for the training pass and restored afterwards (the CLIP module is shared by all clones);
+- the LoRA itself is a weight wrapper on q/k/v/out of every CLIP layer (q/k/v/o of every T5 block on SD 3.x and
+  Flux): W + (α/r)·B·A;
+- `CLIPLayer.forward` and T5's attention and feed-forward layers add residuals in place, which breaks backward:
+  out-of-place forwards are swapped in per instance for the training pass and restored afterwards (the CLIP
+  module is shared by all clones); Flux's transformer blocks do the same in many places, so its training pass
+  saves copies of the activations backward needs (`_copies_of_saved_activations`) instead;
 - the U-Net is called through `comfy.samplers.sampling_function`, as ComfyUI's samplers do, so cfg functions,
   model_function_wrapper and transformer patches the user put on the MODEL are honoured, and SDXL's pooled
-  and size conditioning are built by the model's own `extra_conds`;
+  and size conditioning are built by the model's own `extra_conds`; Flux's distilled guidance goes into its
+  conditioning (as ComfyUI's FluxGuidance node puts it) with no negative pass;
 - off the CPU, ComfyUI's model management offloads the VAE and the reward models for the training pass (they come
   back for sampling on their own).
 """
@@ -19,12 +23,15 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import weakref
 from typing import Iterator
 
 import torch
 import torch.utils.checkpoint
 
 import comfy.clip_model
+import comfy.ldm.flux.model
+import comfy.text_encoders.t5
 import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
@@ -96,8 +103,10 @@ def _checkpoint_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """
     stages = [*getattr(unet, "input_blocks", []), *([unet.middle_block] if hasattr(unet, "middle_block") else []),
               *getattr(unet, "output_blocks", [])]
-    # ComfyUI runs a stage's layers one by one (forward_timestep_embed), so the layers are what gets wrapped
-    blocks = [layer for stage in stages for layer in stage]
+    # ComfyUI runs a stage's layers one by one (forward_timestep_embed), so the layers are what gets wrapped;
+    # transformers (SD 3.x's MMDiT, Flux) run their blocks directly
+    blocks = [layer for stage in stages for layer in stage] + [
+        block for name in ("joint_blocks", "double_blocks", "single_blocks") for block in getattr(unet, name, [])]
     for block in blocks:
         def checkpointed(*args, _forward=block.forward, **kwargs):
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
@@ -113,6 +122,48 @@ def _restore_blocks(blocks: list[torch.nn.Module]) -> None:
 def _clip_layer_forward_out_of_place(self, x, mask=None, optimized_attention=None):
     x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
     return x + self.mlp(self.layer_norm2(x))
+
+
+def _t5_attention_forward_out_of_place(self, x, mask=None, past_bias=None, optimized_attention=None):
+    output, past_bias = self.SelfAttention(self.layer_norm(x), mask=mask, past_bias=past_bias,
+                                           optimized_attention=optimized_attention)
+    return x + output, past_bias
+
+
+def _t5_ff_forward_out_of_place(self, x):
+    return x + self.DenseReluDense(self.layer_norm(x))
+
+
+# Diffusion models whose blocks add residuals in place (`img += ...`) onto tensors autograd saved
+_INPLACE_RESIDUAL_MODELS = (comfy.ldm.flux.model.Flux,)
+
+
+@contextlib.contextmanager
+def _copies_of_saved_activations() -> Iterator[None]:
+    """Autograd saves a copy of each activation (a tensor with a grad_fn) it needs for backward, so that the
+    model's own in-place additions afterwards change what it computes with but not what backward reads. Weights
+    and inputs are saved as they are; an activation saved by several ops is copied once (per version)."""
+    copies: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.grad_fn is None:
+            return t
+        key = (id(t), t._version)
+        hit = copies.get(key)
+        if hit is not None and hit[0]() is t:
+            return hit[1]
+        copy = t.detach().clone()
+        copies[key] = (weakref.ref(t), copy)
+        return copy
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+# ComfyUI's text-encoder layers that add their residual in place, and the out-of-place forward for training
+_OUT_OF_PLACE = {comfy.clip_model.CLIPLayer: _clip_layer_forward_out_of_place,
+                 comfy.text_encoders.t5.T5LayerSelfAttention: _t5_attention_forward_out_of_place,
+                 comfy.text_encoders.t5.T5LayerFF: _t5_ff_forward_out_of_place}
 
 
 class _LoraWrapper:
@@ -145,6 +196,8 @@ class ComfyHost:
         # a flow-matching MODEL (ComfyUI's CONST: SD3-style sampling, or ModelSamplingSD3 on another U-Net) samples
         # with Flow-GRPO's SDE and predicts velocities; the others are VP models with DDIM and ε
         self.flow = isinstance(sampling, comfy.model_sampling.CONST)
+        self.model_family = family_of_comfy_config(getattr(model.model, "model_config", None))
+        self.distilled_guidance = bool(self.model_family and FAMILIES[self.model_family].distilled_guidance)
         self.alphas_cumprod = (None if self.flow else
                                abar_from_sigma(sampling.sigmas.detach().float().cpu()).contiguous())
         self.sample_sigmas: torch.Tensor | None = None  # the run's DDIM sigmas, for MODEL patches that read them
@@ -153,10 +206,12 @@ class ComfyHost:
         targets: dict[tuple[str, str], str] = {}  # (encoder, module path) -> state-dict key of its weight
         for name, module in self.clip.cond_stage_model.named_modules():
             m = comfy_encoder_module(name)
-            if m and attention_path(m[1]) == m[1]:  # q/k/v/out of a CLIP layer
+            if m and attention_path(m[1]) == m[1]:  # q/k/v/out of a CLIP layer, q/k/v/o of a T5 block
                 targets[m] = f"{name}.weight"
         self.model_encoders = sorted({enc for enc, _ in targets})
-        self.family = family_of_encoders(self.model_encoders)
+        # the MODEL's family when the CLIP's encoders are (some of) its own: an SD 3.x CLIP without T5 is SD 3.x's
+        fits_model = self.model_family and set(self.model_encoders) <= set(FAMILIES[self.model_family].encoders)
+        self.family = self.model_family if fits_model else family_of_encoders(self.model_encoders)
         self.encoders = self._check_encoders(encoders)
         params = dict(self.clip.cond_stage_model.named_parameters())
         # Slots follow the CLIP's encoders, not the trained subset: CLIP-G alone on SDXL is still te2.
@@ -181,16 +236,16 @@ class ComfyHost:
         """The encoders to train (all of the CLIP's by default); naming one the CLIP lacks is an error."""
         have = self.model_encoders
         if not have:
-            raise ValueError(f"this CLIP has no CLIP text encoder ({listed(ENCODER_LABELS.values())}); TexForce "
-                             f"trains LoRAs on those only ({family_names('')}).")
+            raise ValueError(f"this CLIP has none of the text encoders TexForce trains LoRAs on "
+                             f"({listed(ENCODER_LABELS.values())}: {family_names('')}).")
         wanted = have if encoders is None else list(dict.fromkeys(encoders))
         missing = [e for e in wanted if e not in have]
         if missing or not wanted:
             what = encoders_label(missing) if missing else "no encoder"
             raise ValueError(
                 f"cannot train {what}: this CLIP is {family_label(self.family, 'a CLIP with ' + ', '.join(have))}, "
-                f"which has {encoders_label(have)} only. Train {' or '.join(ENCODER_LABELS[e] for e in have)}"
-                f"{' (or both)' if len(have) > 1 else ''} instead.")
+                f"which has {encoders_label(have)} only. Train {listed([ENCODER_LABELS[e] for e in have])}"
+                f"{' (or all)' if len(have) > 2 else ' (or both)' if len(have) > 1 else ''} instead.")
         return [e for e in have if e in wanted]
 
     @staticmethod
@@ -199,15 +254,14 @@ class ComfyHost:
         if sampling is None or not hasattr(sampling, "sigmas") or sampling.sigmas.numel() < 2:
             raise ValueError("TexForce training needs a diffusion MODEL with a discrete noise schedule "
                              f"({family_names('')}).")
-        if type(sampling).__name__.startswith(("ModelSamplingFlux", "ModelSamplingContinuous")):
-            raise ValueError(f"{type(sampling).__name__} models (Flux's distilled guidance, continuous EDM/V "
-                             "schedules) are not supported yet: the log-probability needs a DDPM (VP) schedule or a "
-                             "rectified flow (ModelSamplingDiscreteFlow).")
+        continuous = (comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.ModelSamplingContinuousV)
+        if isinstance(sampling, continuous):
+            raise ValueError(f"{type(sampling).__mro__[1].__name__} models (continuous EDM/V schedules) are not "
+                             "supported yet: the log-probability needs a DDPM (VP) schedule or a rectified flow.")
         config = getattr(getattr(model, "model", None), "model_config", None)
         if isinstance(sampling, comfy.model_sampling.CONST) and family_of_comfy_config(config) is None:
-            raise ValueError(f"{type(config).__name__} models are not supported yet: flow-matching sampling is, but "
-                             f"only on the text encoders of {family_names('')} (SD3 and Flux add T5, which the LoRA "
-                             "does not cover).")
+            raise ValueError(f"{type(config).__name__} models are not supported yet: flow-matching sampling is, on "
+                             f"{family_names('')} models (their text encoders are the ones the LoRA covers).")
 
     def _check_context(self, width: int) -> None:
         """A CLIP of one family with a MODEL of another fails deep in the U-Net; say which is which instead."""
@@ -219,9 +273,12 @@ class ComfyHost:
         self._context_checked = True
 
     # -- memory plan (training/memory_plan.py): what the estimate needs from ComfyUI's objects ------------
-    def memory_inputs(self, cfg) -> PlanInputs:
-        """The model's shape, dtypes, weight sizes and ComfyUI's attention choice, with the run's settings."""
+    def memory_inputs(self, cfg) -> PlanInputs | None:
+        """The model's shape, dtypes, weight sizes and ComfyUI's attention choice, with the run's settings (None for a
+        transformer (SD 3.x MMDiT, Flux): the plan counts U-Net layers only)."""
         base = self._model.model
+        if "channel_mult" not in base.model_config.unet_config:
+            return None
         weight_dtype = base.get_dtype()
         compute = base.manual_cast_dtype or weight_dtype
         config = base.model_config.unet_config
@@ -308,14 +365,19 @@ class ComfyHost:
         options = _sampling_options(model.model_options, self.sample_sigmas)
         device = model.load_device
         flow = self.flow
+        # Flux: the guidance is the model's input, and one pass (ComfyUI skips the negative at cfg 1)
+        distilled = self.distilled_guidance
+        cfg_scale = 1.0 if distilled else guidance
+        inplace_residuals = isinstance(model.model.diffusion_model, _INPLACE_RESIDUAL_MODELS)
         abar_table = None if flow else self.alphas_cumprod.to(device)
         state: dict = {}
 
         def prepare(shape: torch.Size) -> dict:
             # What ComfyUI's CFGGuider does before sampling: load the models, let the model build its conds
-            # (SDXL: pooled + size conditioning from the latent size).
-            conds = {"positive": comfy.sampler_helpers.convert_cond([comfy_cond(cond)]),
-                     "negative": comfy.sampler_helpers.convert_cond([comfy_cond(uncond)])}
+            # (SDXL: pooled + size conditioning from the latent size; Flux: the guidance embedding's input).
+            extra = {"guidance": guidance} if distilled else {}
+            conds = {"positive": comfy.sampler_helpers.convert_cond([comfy_cond(cond, extra)]),
+                     "negative": comfy.sampler_helpers.convert_cond([comfy_cond(uncond, extra)])}
             real_model, conds, extra = comfy.sampler_helpers.prepare_sampling(model, shape, conds, options)
             conds = comfy.samplers.process_conds(real_model, torch.zeros(shape, device=device), conds, device)
             model.pre_run()
@@ -327,6 +389,10 @@ class ComfyHost:
                     "blocks": blocks}
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with (_copies_of_saved_activations() if self._training and inplace_residuals else contextlib.nullcontext()):
+                return predict_step(x, t)
+
+        def predict_step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if state.get("shape") != x.shape:
                 if state:
                     _restore_parameters(state["aliases"])
@@ -336,7 +402,7 @@ class ComfyHost:
             if flow:  # t is the flow time, ComfyUI's σ; x is the model's own x_t; the velocity is what it predicts
                 sigma = t.to(device).float()
                 denoised = comfy.samplers.sampling_function(state["model"], x.to(device), sigma, conds["negative"],
-                                                            conds["positive"], guidance, model_options=options)
+                                                            conds["positive"], cfg_scale, model_options=options)
                 return velocity_from_denoised(x.to(device), denoised, sigma)
             sigma = sigma_from_abar(abar_table[t.to(device)])
             x_k = vp_to_k(x.to(device), sigma)
@@ -360,16 +426,17 @@ class ComfyHost:
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
-        layers = [m for m in self.clip.cond_stage_model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)]
+        layers = [(m, forward) for m in self.clip.cond_stage_model.modules()
+                  for kind, forward in _OUT_OF_PLACE.items() if isinstance(m, kind)]
         self._offload_for_training()
         self._training = True
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                for layer in layers:
-                    layer.forward = types.MethodType(_clip_layer_forward_out_of_place, layer)
+                for layer, forward in layers:
+                    layer.forward = types.MethodType(forward, layer)
                 yield
         finally:
-            for layer in layers:
+            for layer, _ in layers:
                 layer.__dict__.pop("forward", None)
             self._training = False
 
@@ -445,6 +512,7 @@ def _model_label(model) -> str:
     return FAMILIES[family].name + ("" if name == FAMILIES[family].comfy_config else f" ({name})")
 
 
-def comfy_cond(c: Cond) -> list:
-    extra = {"pooled_output": c["pooled"]} if "pooled" in c else {}
-    return [c["cross_attn"], extra]
+def comfy_cond(c: Cond, extra: dict | None = None) -> list:
+    """A ComfyUI conditioning entry ([tensor, dict]) of a Cond, with `extra` keys (Flux's guidance) in its dict."""
+    options = {"pooled_output": c["pooled"]} if "pooled" in c else {}
+    return [c["cross_attn"], {**options, **(extra or {})}]

@@ -13,7 +13,7 @@ class TexForceTestTinyCheckpoint(io.ComfyNode):
             node_id="TexForceTestTinyCheckpoint",
             display_name="TexForce Test Tiny Checkpoint",
             category="TexForce/testing",
-            inputs=[io.Combo.Input("family", options=["sd1", "sd2", "sdxl"], default="sd1"),
+            inputs=[io.Combo.Input("family", options=["sd1", "sd2", "sdxl", "sd3", "flux"], default="sd1"),
                     io.Int.Input("seed", default=0, min=0, max=2**31),
                     io.Boolean.Input("prompt_controls_image", default=False, optional=True,
                                      tooltip="the tiny model whose text pathway controls the image (learning "

@@ -207,9 +207,46 @@ def tiny_unet(family: str = "sd1", seed: int = 0, text_controls_image: bool = Fa
                                             offload_device=mm.unet_offload_device())
 
 
+# SD 3.x: comfy's MMDiT (hidden 64·depth, depth heads), pooled = CLIP-L's (32) ‖ CLIP-G's projected (48) pooled
+# outputs, context = CLIP-L ‖ CLIP-G padded to 4096 joined with T5's 4096-wide tokens; 16 × 16 patch positions
+# (latents up to 32 × 32, images up to 256 px)
+TINY_MMDIT = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+              "adm_in_channels": 32 + 48, "num_patches": 256, "pos_embed_max_size": 16,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                                   "out_features": 128}},
+              "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []}
+# Flux: comfy's Flux transformer with guidance embedding; vector = CLIP-L's pooled output (32), context = T5 (64)
+TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
+             "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+             "axes_dim": [4, 14, 14], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+
+
+def tiny_transformer(family: str, seed: int = 0, text_controls_image: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """A tiny SD 3.x (MMDiT, rectified flow, shift 3) or Flux (guidance-distilled) MODEL in ComfyUI's own classes,
+    sampled as their checkpoints are (comfy.supported_models.SD3 / Flux: ModelSamplingDiscreteFlow / ModelSamplingFlux)."""
+    if family == "sd3":
+        cfg = comfy.supported_models.SD3(dict(TINY_MMDIT))
+    elif family == "flux":
+        cfg = comfy.supported_models.Flux(dict(TINY_FLUX))
+    else:
+        raise ValueError(f"not a transformer family: {family!r}")
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, device=torch.device("cpu"))
+    base = init_fan_in(model, seed) if text_controls_image else init_weights(model, seed)
+    pos_embed = getattr(base.diffusion_model, "pos_embed", None)  # MMDiT's: a buffer its checkpoints hold
+    if pos_embed is not None:
+        with torch.no_grad():
+            pos_embed.copy_(torch.randn(pos_embed.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def tiny_checkpoint(family: str = "sd1", seed: int = 0, text_controls_image: bool = False,
                     v_prediction: bool | None = None, output_gain: float = 1.0):
     """(MODEL, CLIP, VAE) of one family, as a checkpoint loader gives them."""
+    if family in T5_WIDTHS:
+        return (tiny_transformer(family, seed, text_controls_image), tiny_clip(family, seed, text_controls_image),
+                tiny_vae(seed, text_controls_image, latent_channels=16))
     return (tiny_unet(family, seed, text_controls_image, v_prediction, output_gain),
             tiny_clip(family, seed, text_controls_image), tiny_vae(seed, text_controls_image))
 
@@ -218,12 +255,12 @@ TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 
             "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
-def tiny_vae(seed: int = 0, text_controls_image: bool = False) -> comfy.sd.VAE:
+def tiny_vae(seed: int = 0, text_controls_image: bool = False, latent_channels: int = 4) -> comfy.sd.VAE:
     """text_controls_image: fan-in initialisation, so the decoded image follows the latent (N(0, 0.02)
-    weights decode every latent to flat grey)."""
+    weights decode every latent to flat grey). latent_channels 16: SD 3.x's and Flux's VAE layout."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    cfg = {"ddconfig": dict(TINY_VAE), "embed_dim": 4}
+    cfg = {"ddconfig": {**TINY_VAE, "z_channels": latent_channels}, "embed_dim": latent_channels}
     vae = AutoencoderKL(**cfg)
     sd = (init_fan_in(vae, seed, cross_attn_gain=1.0) if text_controls_image else init_weights(vae, seed)).state_dict()
     return comfy.sd.VAE(sd=sd, config={"params": cfg}, dtype=torch.float32)
