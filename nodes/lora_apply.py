@@ -13,16 +13,21 @@ import torch
 
 from ..training.lora import LoraFileError, LoraModule, LoraSet
 from ..training.lora.family import (ENCODERS, FAMILIES, comfy_encoder_module, encoders_for_slot, family_names,
-                                    family_of_encoders, slot_for_encoder)
+                                    family_of_encoders, module_path, slot_for_encoder, t5_module_path)
 from ..training.lora.family_detect import describe_lora, family_mismatch, lora_family, lora_shape
 from ..training.lora.keys import split_suffix
+
+
+# What the slots of kohya files mean, for messages about a file that does not fit
+SLOT_MEANINGS = "te1/te2 keys mean SDXL or SD 3.x, te3 keys T5-XXL of SD 3.x or Flux, a lone te SD 1.x or 2.x"
 
 
 @dataclass
 class ClipLayout:
     """What the text encoders of a CLIP object look like: module path -> (state-dict key, weight shape).
 
-    `others` names text encoders that are not CLIP-L/G/H (e.g. t5xxl): such a CLIP is not an SD family.
+    `others` names text encoders the registry does not know (e.g. HiDream's llama): such a CLIP is no family
+    of the pack's.
     """
 
     encoders: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
@@ -46,7 +51,7 @@ class ClipLayout:
 
     @property
     def family(self) -> str | None:
-        """sd1 / sd2 / sdxl, or None for any other set of text encoders (SDXL refiner, SD3, Flux, ...)."""
+        """sd1 / sd2 / sdxl / sd3 / flux, or None for any other set of text encoders (SDXL refiner, HiDream...)."""
         return None if self.others else family_of_encoders(self.names)
 
     @property
@@ -58,13 +63,20 @@ class ClipLayout:
     def describe(self) -> str:
         parts = []
         for name in self.names:
-            q = self.encoders[name].get("text_model.encoder.layers.0.self_attn.q_proj")
+            q = self.encoders[name].get(_first_query(name))
             parts.append(f"{name} (width {q[1][1]})" if q else name)
         return ", ".join(parts) or "no text encoder"
 
     def candidates(self, slot: str) -> list[str]:
         """Encoders a file slot can mean on this CLIP (ComfyUI's own mapping, plus shape checks later)."""
         return encoders_for_slot(slot, self.names)
+
+
+def _first_query(encoder: str) -> str:
+    """The module path of the first attention query of an encoder: its input width is the encoder's width."""
+    if ENCODERS[encoder].arch == "t5":
+        return t5_module_path(0, "layer.0.SelfAttention.q")
+    return module_path(0, "self_attn.q_proj")
 
 
 @dataclass
@@ -82,7 +94,7 @@ def check_family(lora: LoraSet, layout: ClipLayout) -> None:
     if mismatch:
         raise LoraFileError(
             f"{lora.source}: {mismatch}. The file has {lora_shape(lora)}; the CLIP has {layout.describe()}. "
-            f"Use it with an {FAMILIES[lora_family(lora)].name} checkpoint, or a LoRA made for "
+            f"Use it with a checkpoint of that family ({FAMILIES[lora_family(lora)].name}), or use a LoRA made for "
             f"{FAMILIES[layout.family].name}.")
 
 
@@ -107,7 +119,7 @@ def match_to_clip(lora: LoraSet, layout: ClipLayout) -> Resolved:
         raise LoraFileError(
             f"{lora.source}: has weights for text encoder slot(s) {', '.join(missing_slots)}, which this CLIP "
             f"({layout.label}: {layout.describe()}) does not have. The LoRA is for {describe_lora(lora)}; load it "
-            "with a checkpoint of that family (te1/te2 keys mean SDXL)."
+            f"with a checkpoint of that family ({SLOT_MEANINGS})."
         )
     if lora.modules and res.mismatched:
         raise LoraFileError(
@@ -119,7 +131,7 @@ def match_to_clip(lora: LoraSet, layout: ClipLayout) -> Resolved:
         raise LoraFileError(
             f"{lora.source}: none of its {len(lora.modules)} text-encoder modules (slots {', '.join(lora.slots)}) "
             f"exist in this CLIP ({layout.label}: {layout.describe()}). It is probably for another model family "
-            "(an SDXL LoRA has te1/te2 keys, SD 1.x/2.x have one encoder); load it with a matching checkpoint."
+            f"({SLOT_MEANINGS}); load it with a matching checkpoint."
         )
     return res
 
@@ -153,12 +165,18 @@ def unet_patches(other: dict[str, torch.Tensor], model) -> tuple[dict, list[str]
     return patches, unmatched
 
 
+# Key prefixes of the diffusion-model part of LoRA files: kohya / sd-scripts (SD 1.x-SDXL U-Nets, and Flux and
+# SD 3.x transformers as lora_unet_), diffusers (unet., transformer.), OneTrainer (lora_transformer_), ComfyUI.
+UNET_PREFIXES = ("lora_unet_", "unet.", "diffusion_model.", "lycoris_", "transformer.", "lora_transformer_")
+
+
 def looks_like_unet(keys: list[str]) -> bool:
-    return any(k.startswith(("lora_unet_", "unet.", "diffusion_model.", "lycoris_")) for k in keys)
+    """Whether a file's unrecognised keys are a diffusion model's (U-Net or transformer) LoRA, which needs a MODEL."""
+    return any(k.startswith(UNET_PREFIXES) for k in keys)
 
 
 def to_file_slots(res: Resolved, layout: ClipLayout, source: str) -> LoraSet:
-    """A resolved LoRA re-keyed by kohya slot (te / te1 / te2) of this CLIP's family, ready to write."""
+    """A resolved LoRA re-keyed by kohya slot (te / te1 / te2, T5 te3) of this CLIP's family, ready to write."""
     out = LoraSet(source=source, format="kohya")
     for (enc, path), (_, m) in res.modules.items():
         out.modules[(slot_for_encoder(enc, layout.names), path)] = m

@@ -121,7 +121,9 @@ def _report(i, name, strength, lora, res, n_unet, unmatched, has_model) -> list[
         lines.append(f"    U-Net: {n_unet} modules")
     elif lora.other and looks_like_unet(list(lora.other)):
         lines.append(f"    U-Net part ({len(lora.other)} tensors) not applied: connect a MODEL")
-    not_matched = res.unmatched + (unmatched if has_model else [])
+    # without a MODEL, keys that are neither text-encoder nor U-Net weights would otherwise vanish from the report
+    stray = [k for k in lora.other if not looks_like_unet([k])]
+    not_matched = res.unmatched + (unmatched if has_model else stray)
     lines.append(f"    keys not matched: {len(not_matched)}" + (f" (e.g. {not_matched[0]})" if not_matched else ""))
     lines += [f"    note: {note}" for note in lora.notes]
     return lines
