@@ -49,6 +49,14 @@ def lora_family(lora: LoraSet) -> str | None:
     return _identify(lora)[0]
 
 
+def certain_family(lora: LoraSet) -> str | None:
+    """The family when the file's slots, metadata or widths say it for certain; None when lora_family's answer is
+    only the likeliest of several that fit (a te1 + te3 file: Flux's, or SD 3.x's without CLIP-G). What files
+    record as their family must be this: a guess written down would refuse the file on the other families."""
+    family, certain = _identify(lora)
+    return family if certain else None
+
+
 def _identify(lora: LoraSet) -> tuple[str | None, bool]:
     """The family a text-encoder LoRA is for, when its keys, metadata or widths say so (None when they do not).
 

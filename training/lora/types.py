@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 import torch
 
 # Slots name a text encoder the way LoRA files do. "te" is the only (or first) encoder of a
-# model, "te1"/"te2" are SDXL's CLIP-L/CLIP-G; ComfyUI's generic keys name the encoder directly.
-SLOTS = ("te", "te1", "te2", "clip_l", "clip_g", "clip_h")
+# model, "te1"/"te2" are SDXL's and SD 3.x's CLIP-L/CLIP-G, "te3" T5-XXL (SD 3.x, Flux); ComfyUI's generic
+# keys name the encoder directly.
+SLOTS = ("te", "te1", "te2", "te3", "clip_l", "clip_g", "clip_h", "t5xxl")
 
 
 class LoraFileError(ValueError):
@@ -37,7 +38,7 @@ class LoraModule:
 
 @dataclass
 class LoraSet:
-    """All text-encoder modules of one file, keyed by (slot, module path in HF CLIPTextModel naming).
+    """All text-encoder modules of one file, keyed by (slot, module path in HF CLIPTextModel / T5EncoderModel naming).
 
     `other` keeps the tensors that are not text-encoder LoRA weights (U-Net parts, unknown keys)
     under their original names, so they can be handed to the U-Net loader or reported.

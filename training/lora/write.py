@@ -14,11 +14,13 @@ from .types import LoraFileError, LoraSet
 
 
 def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """`lora_te*_<module>.lora_down/.lora_up/.alpha` for every module; slots must be te, te1 or te2."""
+    """`lora_te*_<module>.lora_down/.lora_up/.alpha` for every module; slots must be kohya's (te, te1, te2; te3 for
+    T5-XXL, as sd-scripts and ComfyUI's loader name it for SD 3.x and Flux)."""
     out: dict[str, torch.Tensor] = {}
     for (slot, path), m in sorted(lora.modules.items()):
         if slot not in FILE_SLOTS:
-            raise LoraFileError(f"{lora.source}: module {path} is on encoder {slot!r}; map it to te/te1/te2 before writing")
+            raise LoraFileError(f"{lora.source}: module {path} is on encoder {slot!r}; map it to one of the kohya "
+                                f"slots {'/'.join(FILE_SLOTS)} before writing")
         name = f"lora_{slot}_{path_to_kohya_module(path)}"
         out[f"{name}.lora_down.weight"] = m.down.detach().to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = m.up.detach().to("cpu", dtype).contiguous()
