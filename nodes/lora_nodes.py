@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..training.lora import LoraFileError, fuse_loras, save_kohya
-from ..training.lora.family import FAMILIES
+from ..training.lora.family import FAMILIES, family_names
 from ..training.lora.family_detect import lora_family
 from .lora_apply import ClipLayout, clip_patches, looks_like_unet, match_to_clip, to_file_slots, unet_patches
 from .lora_files import NONE, display_path, file_state, load_lora_file, lora_choices, lora_file_state, save_path
@@ -95,10 +95,11 @@ class TexForceLoraLoader(io.ComfyNode):
             unet, unmatched = unet_patches(lora.other, out_model)
             if not res.modules and not unet:
                 if looks_like_unet(list(lora.other)) and model is None:
-                    raise LoraFileError(f"{name}: holds only U-Net weights; connect a MODEL to this node to apply it.")
+                    raise LoraFileError(f"{name}: holds only U-Net (or Flux / SD 3.x transformer) weights; connect a "
+                                        "MODEL to this node to apply it.")
                 raise LoraFileError(
                     f"{name}: no LoRA weights recognised ({len(lora.other)} keys, e.g. {next(iter(lora.other), '-')}). "
-                    "It is not a LoRA for a Stable Diffusion text encoder or U-Net.")
+                    f"It is not a LoRA for the text encoders or diffusion model of {family_names()}.")
             if res.modules:
                 out_clip.add_patches(clip_patches(res), strength)
             if unet:
@@ -142,7 +143,7 @@ class TexForceLoraFuse(io.ComfyNode):
             description="Adds text-encoder LoRAs with weights into one kohya LoRA in models/loras (ranks are "
                         "stacked, so the result equals loading them together). U-Net parts are not fused.",
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP the LoRAs are for: decides the encoders (te / te1 / te2) "
+                io.Clip.Input("clip", tooltip="The CLIP the LoRAs are for: decides the encoders (te / te1 / te2 / te3) "
                                               "and checks that every file fits."),
                 io.String.Input("save_name", default="texforce/fused",
                                 tooltip="File name inside models/loras (sub-folders allowed, '.safetensors' added)."),
