@@ -195,6 +195,8 @@ def flux_t5_file_with_metadata(clips, d):
 
 @pytest.mark.parametrize("file_family,clip_family,make", [
     ("sd3", "flux", sd3_file),  # te1 + te2 + te3 is only SD 3.x's
+    ("sd3", "sdxl", sd3_file),
+    ("sd3", "sd1", sd3_file),
     ("flux", "sd3", flux_file_with_metadata),  # CLIP-L + T5 fits both: the metadata says Flux
     ("flux", "sd3", flux_t5_file_with_metadata),
     ("flux", "sdxl", lambda c, d: write(d / "flux.safetensors", as_kohya(c.mods("flux")))),  # te3
@@ -269,3 +271,13 @@ def test_converter_refuses_a_family_the_file_does_not_fit(clips, loras_dir):
     assert proc.returncode == 2 and not out.exists()
     assert "--family flux does not fit this LoRA, which is for SD 3.x (CLIP-L + CLIP-G + T5-XXL)" in proc.stderr
     assert "pass --family sd3" in proc.stderr
+
+
+def test_a_transformer_only_flux_file_without_a_model_asks_for_one(clips, loras_dir):
+    name = write(loras_dir / "dit.safetensors", {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight":
+                                                 torch.zeros(4, 64),
+                                                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight":
+                                                 torch.zeros(64, 4)})
+    with pytest.raises(LoraFileError, match=r"dit\.safetensors: holds only U-Net \(or Flux / SD 3\.x transformer\) "
+                                            r"weights; connect a MODEL"):
+        run_loader(clips.base("flux"), lora_1=name)
