@@ -281,3 +281,12 @@ def test_a_transformer_only_flux_file_without_a_model_asks_for_one(clips, loras_
     with pytest.raises(LoraFileError, match=r"dit\.safetensors: holds only U-Net \(or Flux / SD 3\.x transformer\) "
                                             r"weights; connect a MODEL"):
         run_loader(clips.base("flux"), lora_1=name)
+
+
+def test_a_t5_file_on_a_clip_without_t5_says_which_families_it_is_for(clips, loras_dir):
+    """A T5-only file (released width 4096) names neither SD 3.x nor Flux; on an SDXL CLIP the message says both."""
+    name = write(loras_dir / "t5.safetensors", as_kohya(clips.mods("sd3", ("t5xxl",))))
+    with pytest.raises(LoraFileError, match=r"t5\.safetensors: has weights for text encoder slot\(s\) te3, which this "
+                                            r"CLIP \(SDXL .*\) does not have\. The LoRA is for SD 3\.x or Flux: te3 "
+                                            r"width 4096; load it with a checkpoint of that family"):
+        run_loader(tiny_models.tiny_clip("sdxl", 0), lora_1=name)

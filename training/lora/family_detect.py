@@ -6,7 +6,7 @@ refuses it instead, with a message naming both families; this module is what nam
 """
 from __future__ import annotations
 
-from .family import FAMILIES, RELEASED_WIDTHS
+from .family import FAMILIES, RELEASED_WIDTHS, listed
 from .types import LoraSet
 
 
@@ -95,10 +95,16 @@ def lora_shape(lora: LoraSet) -> str:
 
 def describe_lora(lora: LoraSet, family: str | None = None) -> str:
     """'SDXL (CLIP-L + CLIP-G): te1 width 768, te2 width 1280': the family (given, or when the file says so),
-    always the slots and widths."""
+    always the slots and widths; 'SD 3.x or Flux: te3 width 4096' for released encoders several families share."""
     shape = lora_shape(lora)
     family = family or lora_family(lora)
-    return f"{FAMILIES[family].label}: {shape}" if family else f"a text encoder of another size ({shape})"
+    if family:
+        return f"{FAMILIES[family].label}: {shape}"
+    fits = lora_families(lora)
+    widths = {w for ws in _q_widths(lora).values() for w in ws}
+    if fits and widths and widths <= set(RELEASED_WIDTHS):  # released encoders whose slots several families share
+        return f"{listed(FAMILIES[f].name for f in fits)}: {shape}"
+    return f"a text encoder of another size ({shape})"
 
 
 def family_mismatch(lora: LoraSet, clip_family: str | None) -> str | None:
