@@ -21,6 +21,7 @@ What makes gradients flow inside ComfyUI (DESIGN.md §5), all on clones so the u
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import types
 import weakref
@@ -49,6 +50,7 @@ from ..lora.keys import parse_state_dict
 from ..lora.trainable import TrainableLora
 from ..memory_plan import PlanInputs, TextEncoderSpec, UNetSpec
 
+log = logging.getLogger(__name__)
 # ComfyUI attention functions that keep O(tokens) for backward (the others keep softmax maps; memory_plan.py)
 EFFICIENT_ATTENTION = ("attention_pytorch", "attention_xformers", "attention_flash", "attention_sage")
 
@@ -99,7 +101,8 @@ def _checkpoint_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     The training pass back-propagates through the whole U-Net to reach the conditioning; checkpointing keeps one
     tensor per block instead of every attention map and norm in it, for about one more forward per backward.
     Non-reentrant checkpointing, as ComfyUI's own LoRA trainer uses: the conditioning is not a block input's
-    leaf, and it still gets its gradient.
+    leaf, and it still gets its gradient. Not for blocks that add residuals in place (Flux's): the recomputation
+    would read tensors its own additions changed (the host turns checkpointing off for them).
     """
     stages = [*getattr(unet, "input_blocks", []), *([unet.middle_block] if hasattr(unet, "middle_block") else []),
               *getattr(unet, "output_blocks", [])]
@@ -231,6 +234,11 @@ class ComfyHost:
         self._training = False
         self.gradient_checkpointing = (torch.device(self.device).type != "cpu" if gradient_checkpointing is None
                                        else bool(gradient_checkpointing))
+        if self.gradient_checkpointing and isinstance(model.model.diffusion_model, _INPLACE_RESIDUAL_MODELS):
+            if gradient_checkpointing:
+                log.warning("TexForce: gradient checkpointing is off for %s: its blocks add residuals in place, "
+                            "which the recomputation in backward would read changed.", _model_label(model))
+            self.gradient_checkpointing = False
 
     def _check_encoders(self, encoders: list[str] | None) -> list[str]:
         """The encoders to train (all of the CLIP's by default); naming one the CLIP lacks is an error."""

@@ -21,7 +21,9 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
+import comfy.text_encoders.flux
 import comfy.text_encoders.sd2_clip
+import comfy.text_encoders.sd3_clip
 import comfy.sdxl_clip
 import comfy.supported_models
 
@@ -89,9 +91,6 @@ def _flow_clip_options(family: str) -> dict:
 
 def _make_clip(family: str):
     if family in ("sd3", "flux"):
-        import comfy.text_encoders.flux
-        import comfy.text_encoders.sd3_clip
-
         if family == "sd3":
             return _Target(comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip())
         return _Target(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())

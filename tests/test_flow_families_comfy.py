@@ -1,0 +1,155 @@
+"""SD 3.x and Flux on the ComfyUI host: the tiny MODEL / CLIP / VAE of each in ComfyUI's own classes (MMDiT with
+CLIP-L + CLIP-G + T5-XXL; the Flux transformer with CLIP-L + T5-XXL and its guidance embedding), trained with
+Flow-GRPO's SDE on the times of ComfyUI's scheduler.
+
+What is checked here beyond tests/test_family_training.py (ratio 1, PPO, gradients per encoder, stock-loader
+parity): without noise the chain is ComfyUI's own Euler sampler (SD 3.x with CFG; Flux with its distilled guidance
+as the FluxGuidance node sets it and no negative pass); the gradient through a T5 LoRA and Flux's transformer matches
+finite differences (Flux's blocks add residuals in place: the host keeps copies of what backward needs);
+gradient checkpointing of SD 3.x's blocks leaves the gradient as it was, and is refused for Flux's; a run resumes
+exactly.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import pack, tiny_models
+from test_flow_training import small_config as flow_config
+from test_train_comfy import PROMPTS, assert_surrogate_gradient, brightness, randomise_lora
+
+ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").ComfyHost
+loop = importlib.import_module(f"{pack.__name__}.training.loop")
+sampling = importlib.import_module(f"{pack.__name__}.training.sampling")
+FAMILIES = ["sd3", "flux"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    """(MODEL, CLIP, VAE) per family, built once (SD 3.x's 4096-wide T5 takes seconds), under inference mode."""
+    with torch.inference_mode():
+        return {f: tiny_models.tiny_checkpoint(f, 0, True) for f in FAMILIES}
+
+
+def host_of(checkpoints, family: str, encoders=None, seed: int = 0) -> ComfyHost:
+    model, clip, vae = checkpoints[family]
+    with torch.inference_mode():
+        return ComfyHost(model, clip, vae, rank=4, alpha=4.0, seed=seed, encoders=encoders)
+
+
+def comfy_cond(clip, text: str, **extra) -> list:
+    c, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[c, {"pooled_output": pooled, **extra}]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_host_knows_the_family_and_puts_a_lora_on_t5(checkpoints, family):
+    host = host_of(checkpoints, family)
+    assert host.flow and host.family == family and host.distilled_guidance == (family == "flux")
+    t5 = [path for slot, path in host.lora.keys if slot == "te3"]
+    assert len(t5) == 2 * 4 and all(p.startswith("encoder.block.") and p.endswith(("q", "k", "v", "o")) for p in t5)
+    only_t5 = host_of(checkpoints, family, ["t5xxl"])
+    assert {slot for slot, _ in only_t5.lora.keys} == {"te3"}
+    if family == "flux":
+        with pytest.raises(ValueError, match=r"cannot train CLIP-G: this CLIP is Flux \(CLIP-L \+ T5-XXL\), which "
+                                             r"has CLIP-L \+ T5-XXL only"):
+            host_of(checkpoints, family, ["clip_g"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_noise_the_chain_is_comfys_own_euler_sampler(checkpoints, family):
+    """SD 3.x: KSampler euler / simple at cfg 3 with the negative prompt. Flux: cfg 1 (ComfyUI's one pass) with
+    guidance 3 in the conditioning, as FluxGuidance puts it; the pack's chain from the same noise must match."""
+    import comfy.sample
+
+    model, clip, vae = checkpoints[family]
+    host = host_of(checkpoints, family)
+    cfg = flow_config(guidance=3.0)
+    tr = loop.Trainer(host, brightness, PROMPTS, cfg)
+    seed, prompts = 123, [PROMPTS[0]] * 2
+    with torch.inference_mode(False), torch.no_grad():
+        traj, _ = sampling.sample(host, cfg, tr._sched, prompts, seed, brightness, lambda: None,
+                                  stochastic=torch.zeros(2, cfg.num_steps, dtype=torch.bool))
+    shape = host.latent_shape(32, 32)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(2)])
+    extra, scale = ({"guidance": 3.0}, 1.0) if family == "flux" else ({}, 3.0)
+    with torch.inference_mode():
+        theirs = comfy.sample.sample(model, noise, cfg.num_steps, scale, "euler", "simple",
+                                     comfy_cond(clip, PROMPTS[0], **extra),
+                                     comfy_cond(clip, cfg.negative_prompt, **extra), torch.zeros_like(noise),
+                                     denoise=1.0, seed=seed)
+    ours = model.model.process_latent_out(traj.latents[:, -1])
+    assert theirs.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_flux_guidance_is_the_models_input_and_the_negative_prompt_is_unused(checkpoints):
+    host = host_of(checkpoints, "flux")
+    x = torch.randn(2, *host.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.6)
+    with torch.inference_mode(False), torch.no_grad():
+        cond = host.encode(PROMPTS[:2])
+        outs = {}
+        for negative, guidance in (("", 3.5), ("blurry, ugly", 3.5), ("", 1.5)):
+            with host.predictor(cond, host.encode([negative]), guidance) as predict:
+                outs[(negative, guidance)] = predict(x, t)
+    assert torch.equal(outs[("", 3.5)], outs[("blurry, ugly", 3.5)])
+    assert (outs[("", 3.5)] - outs[("", 1.5)]).abs().max() > 1e-4
+
+
+def test_the_gradient_through_a_t5_lora_equals_finite_differences(checkpoints):
+    """The whole path from the T5 LoRA: ComfyUI's T5 (out-of-place for training), the Flux transformer under its
+    distilled guidance (with copies of saved activations), the fp32 Flow-GRPO log-prob."""
+    host = host_of(checkpoints, "flux", ["t5xxl"])
+    randomise_lora(host)
+    tr = loop.Trainer(host, brightness, PROMPTS, flow_config(loss="sf", num_steps=3, train_batch_size=4,
+                                                            gradient_accumulation_steps=1))
+    assert_surrogate_gradient(host, tr, eps=3e-5)
+
+
+def test_gradient_checkpointing_of_the_transformer_blocks_gives_the_same_gradient(checkpoints):
+    family = "sd3"
+    grads = []
+    for checkpointing in (False, True):
+        host = host_of(checkpoints, family)
+        host.gradient_checkpointing = checkpointing
+        randomise_lora(host)
+        tr = loop.Trainer(host, brightness, PROMPTS, flow_config())
+        with torch.inference_mode(False):
+            traj = tr.sample(PROMPTS, seed=11)
+            traj.advantages = torch.tensor([1.0, -0.3, 0.7, -1.2])
+            with host.training(), torch.enable_grad():
+                tr.backward_microbatch(traj, torch.arange(4), torch.arange(4).repeat(4, 1), 1.0)
+        grads.append(torch.cat([p.grad.flatten() for p in host.trainable_parameters()]))
+        unet = checkpoints[family][0].model.diffusion_model
+        blocks = [*getattr(unet, "joint_blocks", []), *getattr(unet, "double_blocks", []),
+                  *getattr(unet, "single_blocks", [])]
+        assert blocks and all("forward" not in b.__dict__ for b in blocks)  # restored after the pass
+    assert grads[1].norm() > 0
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() < 1e-5
+
+
+def test_gradient_checkpointing_is_turned_off_for_flux_with_a_warning(checkpoints, caplog):
+    """Flux's blocks add residuals onto tensors in place: a block recomputed in backward would read them changed
+    (measured: a gradient 4% off). Asking for checkpointing says so and trains without it."""
+    model, clip, vae = checkpoints["flux"]
+    with torch.inference_mode():
+        host = ComfyHost(model, clip, vae, rank=4, alpha=4.0, gradient_checkpointing=True)
+    assert host.gradient_checkpointing is False
+    assert "gradient checkpointing is off for Flux" in caplog.text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_run_resumes_exactly(checkpoints, family, tmp_path):
+    def final_lora(stops: list[int]) -> torch.Tensor:
+        ckpt = tmp_path / f"ckpt_{len(stops)}.pt"
+        for target in stops:
+            host = host_of(checkpoints, family, seed=4)
+            loop.Trainer(host, brightness, PROMPTS, flow_config(epochs=3, lr=1e-2, num_steps=3),
+                         checkpoint_path=ckpt).run(target)
+        return torch.cat([p.detach().flatten() for p in host.trainable_parameters()])
+
+    first = final_lora([3])
+    assert first.abs().max() > 0 and torch.equal(first, final_lora([2, 3]))
