@@ -100,3 +100,26 @@ def test_sdxl_trains_clip_g_only_and_writes_a_te2_file(server):
 def test_an_encoder_the_checkpoint_lacks_is_refused_by_the_node(server):
     with pytest.raises(ComfyError, match=r"cannot train CLIP-G: this CLIP is SD 1\.x \(CLIP-L\), which has CLIP-L only"):
         server.run(train_prompt("srv_sd1_te2", epochs=1, steps=2, text_encoders="clip_g"), timeout=120)
+
+
+@pytest.mark.parametrize("family,encoders,slots", [("sd3", "all", {"te1", "te2", "te3"}), ("flux", "t5xxl", {"te3"})])
+def test_flow_families_train_through_the_server_and_resume(server, family, encoders, slots):
+    """SD 3.x (all three encoders) and Flux (T5 only) from the tiny checkpoint node: a run trains, writes a kohya file
+    with the family's slots (T5 as te3) and metadata, and resumes for one more epoch."""
+    from safetensors import safe_open
+
+    name = f"srv_{family}_{encoders}"
+    run = dict(steps=2, family=family, text_encoders=encoders, guidance=3.5, advantage="group_mean")
+    entry = server.run(train_prompt(name, epochs=1, **run), timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    path = server.base / "models" / "loras" / "texforce" / f"{name}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert {key.split("_", 2)[1] for key in keys} == slots
+    t5 = {key for key in keys if key.startswith("lora_te3_")}
+    assert len(t5) == 2 * 4 * 3 and all("_encoder_block_" in key and "_SelfAttention_" in key for key in t5)
+    assert meta["texforce.family"] == family and meta["ss_base_model_version"] == {"sd3": "sd3", "flux": "flux1"}[family]
+    entry = server.run(train_prompt(name, epochs=2, **run), timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    assert [h["epoch"] for h in history_lines(server, name)] == [1, 2]
+    assert pack.training.lora.read_lora(path).metadata["texforce.epoch"] == "2"
