@@ -153,3 +153,17 @@ def test_a_run_resumes_exactly(checkpoints, family, tmp_path):
 
     first = final_lora([3])
     assert first.abs().max() > 0 and torch.equal(first, final_lora([2, 3]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_flow_grpo_preset_trains_with_its_kl_to_the_base_model(checkpoints, family):
+    """Flow-GRPO's settings (group baseline with a batch-wide std, β 0.01, noise level 0.7), shrunk to two prompts:
+    two epochs run, the KL to the model without the LoRA is computed on the flow step and grows from 0."""
+    host = host_of(checkpoints, family)
+    cfg = pack.training.config.make_config("flow_grpo", num_steps=3, images_per_epoch=8, images_per_prompt=4,
+                                           sample_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
+                                           height=32, width=32, epochs=2, lora_rank=4, lora_alpha=4.0, lr=1e-2)
+    assert cfg.advantage == "group_mean" and cfg.kl_weight == 0.01 and cfg.eta == 0.7
+    stats = loop.Trainer(host, brightness, PROMPTS[:2], cfg).run(2)
+    assert len(stats) == 2 and all(torch.isfinite(torch.tensor([s.loss, s.grad_norm, s.kl])).all() for s in stats)
+    assert stats[0].optimizer_steps == 2 and stats[-1].kl > 0

@@ -137,6 +137,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   prompts, 2 per step) but each step averages twice the prompts: through the node the held-out gain of
     #   three seeds went from +1.5 / +7.1 / +5.6 standard errors to +4.5 / +9.5 / +4.1 (README). On prompts the toy
     #   follows badly (rephrased) the previous fast (PPO on every stochastic step, lr 3e-4) gave −0.4.
+    # Flow-GRPO (Liu et al. 2025; yifan123/flow_grpo config/base.py, grpo.py pickscore_sd3), for SD 3.x and Flux:
+    # 10 sampling steps with SDE noise level 0.7 (eta, on a flow model), guidance 4.5, every step trained, advantages
+    # against each prompt's group mean with one batch-wide std (their global_std: group_mean), β 0.01 (their
+    # PickScore run; 0.04 for GenEval / OCR), PPO ε 1e-4, lr 3e-4 constant, two optimizer steps per epoch. Their
+    # epoch is 48 prompts × 24 images on 32 GPUs; here 4 prompts × 12 = 48 images, 2 steps of 24.
+    "flow_grpo": {"num_steps": 10, "eta": 0.7, "guidance": 4.5, "timestep_fraction": 1.0, "advantage": "group_mean",
+                  "kl_weight": 0.01, "images_per_epoch": 48, "images_per_prompt": 12, "sample_batch_size": 12,
+                  "train_batch_size": 12, "gradient_accumulation_steps": 2, "lr_schedule": "constant",
+                  "warmup_fraction": 0.0},
     "fast": {"num_steps": 20, "train_window": 0.6, "timestep_fraction": 0.5, "images_per_epoch": 128,
              "images_per_prompt": 8, "sample_batch_size": 32, "train_batch_size": 16, "gradient_accumulation_steps": 2,
              "advantage": "group_mean", "lr": 1e-3, "clip_range": 1e-3, "epochs": 32, "sde_steps": 1, "loss": "rwr"},
