@@ -2,8 +2,8 @@
 (rectified-flow sampling, velocity prediction, shift 3), as a user's graph would give it to TexForce Train.
 
 The host must notice the flow model (no DDIM on it), step with Flow-GRPO's SDE on the times ComfyUI's scheduler
-gives, and reproduce ComfyUI's own Euler sampler exactly when no step takes noise. Real SD3 / Flux models are not
-built here (their T5 encoders are not covered yet); the sampling and the log-prob are the same for them.
+gives, and reproduce ComfyUI's own Euler sampler exactly when no step takes noise. SD 3.x and Flux themselves (their
+transformers, T5, Flux's guidance) are in test_flow_families_comfy.py.
 """
 from __future__ import annotations
 
