@@ -13,7 +13,7 @@ import torch
 
 from ..training.lora import LoraFileError, LoraModule, LoraSet
 from ..training.lora.family import (ENCODERS, FAMILIES, comfy_encoder_module, encoders_for_slot, family_names,
-                                    family_of_encoders, module_path, slot_for_encoder, t5_module_path)
+                                    family_of_clip, module_path, slot_for_encoder, t5_module_path)
 from ..training.lora.family_detect import describe_lora, family_mismatch, lora_family, lora_shape
 from ..training.lora.keys import split_suffix
 
@@ -32,6 +32,7 @@ class ClipLayout:
 
     encoders: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
     others: list[str] = field(default_factory=list)
+    model: object = None  # the CLIP's cond_stage_model, whose class can name the family (SD 3.x without T5)
 
     @classmethod
     def of(cls, clip) -> "ClipLayout":
@@ -43,7 +44,7 @@ class ClipLayout:
                 encoders.setdefault(m[0], {})[m[1][:-len(".weight")]] = (key, tuple(param.shape))
             elif key.split(".", 1)[0] not in ENCODERS:
                 others.add(key.split(".", 1)[0])
-        return cls(encoders, sorted(others))
+        return cls(encoders, sorted(others), clip.cond_stage_model)
 
     @property
     def names(self) -> list[str]:
@@ -52,7 +53,7 @@ class ClipLayout:
     @property
     def family(self) -> str | None:
         """sd1 / sd2 / sdxl / sd3 / flux, or None for any other set of text encoders (SDXL refiner, HiDream...)."""
-        return None if self.others else family_of_encoders(self.names)
+        return None if self.others else family_of_clip(self.model, self.names)
 
     @property
     def label(self) -> str:

@@ -167,3 +167,21 @@ def test_the_flow_grpo_preset_trains_with_its_kl_to_the_base_model(checkpoints, 
     stats = loop.Trainer(host, brightness, PROMPTS[:2], cfg).run(2)
     assert len(stats) == 2 and all(torch.isfinite(torch.tensor([s.loss, s.grad_norm, s.kl])).all() for s in stats)
     assert stats[0].optimizer_steps == 2 and stats[-1].kl > 0
+
+
+def test_an_sd3_clip_without_t5_is_sd3s_not_sdxls(checkpoints):
+    """sd3_medium_incl_clips loads an SD3ClipModel with CLIP-L and CLIP-G only, the encoders SDXL has: the class
+    says SD 3.x, so an SD 3.x LoRA is not refused on it and the trainer writes SD 3.x's te1/te2."""
+    lora_apply = importlib.import_module(f"{pack.__name__}.nodes.lora_apply")
+    detect = importlib.import_module(f"{pack.__name__}.training.lora.family_detect")
+    with torch.inference_mode():
+        clip = tiny_models.tiny_clip("sd3", 0, t5=False)
+        host = ComfyHost(tiny_models.tiny_model(0), clip, tiny_models.tiny_vae(0), rank=4, alpha=4.0)
+    layout = lora_apply.ClipLayout.of(clip)
+    assert layout.names == ["clip_g", "clip_l"] and layout.family == "sd3"
+    assert host.family == "sd3" and {slot for slot, _ in host.lora.keys} == {"te1", "te2"}
+    lora = host.lora.to_lora_set()
+    lora.metadata = {"ss_base_model_version": "sd3"}
+    assert detect.family_mismatch(lora, layout.family) is None
+    lora.metadata = {"texforce.family": "sdxl"}
+    assert "but the CLIP is SD 3.x" in detect.family_mismatch(lora, layout.family)

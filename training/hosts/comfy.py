@@ -44,7 +44,7 @@ from ..ddim import DDIMSchedule, abar_from_sigma, ddim_schedule, eps_from_denois
 from ..flow_step import FlowSchedule, velocity_from_denoised
 from ..host import Cond, Predict
 from ..lora.family import (ENCODER_LABELS, FAMILIES, attention_path, comfy_encoder_module, encoders_label,
-                           family_label, family_names, family_of_comfy_config, family_of_encoders, listed,
+                           family_label, family_names, family_of_clip, family_of_comfy_config, listed,
                            slot_for_encoder)
 from ..lora.keys import parse_state_dict
 from ..lora.trainable import TrainableLora
@@ -214,7 +214,8 @@ class ComfyHost:
         self.model_encoders = sorted({enc for enc, _ in targets})
         # the MODEL's family when the CLIP's encoders are (some of) its own: an SD 3.x CLIP without T5 is SD 3.x's
         fits_model = self.model_family and set(self.model_encoders) <= set(FAMILIES[self.model_family].encoders)
-        self.family = self.model_family if fits_model else family_of_encoders(self.model_encoders)
+        self.family = (self.model_family if fits_model else
+                       family_of_clip(self.clip.cond_stage_model, self.model_encoders))
         self.encoders = self._check_encoders(encoders)
         params = dict(self.clip.cond_stage_model.named_parameters())
         # Slots follow the CLIP's encoders, not the trained subset: CLIP-G alone on SDXL is still te2.

@@ -59,6 +59,7 @@ class Family:
     diffusers_truncated: bool = False  # diffusers' text encoder ends at the layer the U-Net reads
     flow: bool = False  # a rectified-flow model (velocity prediction, Flow-GRPO's SDE instead of DDIM)
     distilled_guidance: bool = False  # guidance is an input of the model (Flux), not a second, negative pass
+    comfy_clip: str | None = None  # ComfyUI's text-encoder class of its checkpoints, when only this family's has it
 
     @property
     def encoders(self) -> tuple[str, ...]:
@@ -93,11 +94,11 @@ FAMILIES = {f.id: f for f in (
                              Member("t5xxl", "te3", "text_encoder_3")),
            size=1024, v_size=1024, kohya_version="sd3", version_markers=("sd3", "stable-diffusion-3"),
            comfy_config="SD3", diffusers_pipeline="StableDiffusion3Pipeline",
-           checkpoint_prefix="model.diffusion_model.joint_blocks.", flow=True),
+           checkpoint_prefix="model.diffusion_model.joint_blocks.", flow=True, comfy_clip="SD3ClipModel"),
     Family("flux", "Flux", (Member("clip_l", "te1", "text_encoder"), Member("t5xxl", "te3", "text_encoder_2")),
            size=1024, v_size=1024, kohya_version="flux1", version_markers=("flux",), comfy_config="Flux",
            diffusers_pipeline="FluxPipeline", checkpoint_prefix="model.diffusion_model.double_blocks.",
-           flow=True, distilled_guidance=True),
+           flow=True, distilled_guidance=True, comfy_clip="FluxClipModel"),
 )}
 
 # Views of the registry, by name
@@ -193,6 +194,17 @@ def family_of_comfy_config(config: object) -> str | None:
     """The family of a ComfyUI model config (its supported_models class or a subclass of it), else None."""
     names = {c.__name__ for c in type(config).__mro__}
     return next((f.id for f in FAMILIES.values() if f.comfy_config in names), None)
+
+
+def family_of_clip(cond_stage_model: object, encoders: Iterable[str]) -> str | None:
+    """The family of a ComfyUI CLIP's text-encoder model: its class when only one family's checkpoints have it (an
+    SD 3.x checkpoint without T5 still loads an SD3ClipModel), else the family of exactly these encoders."""
+    names = {c.__name__ for c in type(cond_stage_model).__mro__}
+    encoders = set(encoders)
+    by_class = next((f.id for f in FAMILIES.values() if f.comfy_clip in names), None)
+    if by_class and encoders and encoders <= set(FAMILIES[by_class].encoders):
+        return by_class
+    return family_of_encoders(encoders)
 
 
 def slot_for_encoder(encoder: str, encoders: Iterable[str]) -> str:

@@ -89,10 +89,10 @@ def _flow_clip_options(family: str) -> dict:
     return options
 
 
-def _make_clip(family: str):
+def _make_clip(family: str, t5: bool = True):
     if family in ("sd3", "flux"):
-        if family == "sd3":
-            return _Target(comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip())
+        if family == "sd3":  # t5=False: an SD 3.x checkpoint without T5 (sd3_medium_incl_clips)
+            return _Target(comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip(t5=t5))
         return _Target(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
     if family == "sd1":
         return _Target(comfy.sd1_clip.SD1Tokenizer,
@@ -106,9 +106,9 @@ def _make_clip(family: str):
     raise ValueError(f"unknown family {family!r}")
 
 
-def tiny_clip(family: str = "sd1", seed: int = 0, text_controls_image: bool = False) -> comfy.sd.CLIP:
+def tiny_clip(family: str = "sd1", seed: int = 0, text_controls_image: bool = False, t5: bool = True) -> comfy.sd.CLIP:
     options = {"dtype": torch.float32, **(_flow_clip_options(family) if family in T5_WIDTHS else {})}
-    clip = comfy.sd.CLIP(target=_make_clip(family), model_options=options)
+    clip = comfy.sd.CLIP(target=_make_clip(family, t5), model_options=options)
     if text_controls_image:
         init_fan_in(clip.cond_stage_model, seed)
     else:
