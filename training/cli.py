@@ -67,7 +67,8 @@ class RunSettings:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description="Train a text-encoder LoRA with DDPO (TexForce) on a "
-                                "diffusers Stable Diffusion model; under torchrun/accelerate for several GPUs.")
+                                "diffusers Stable Diffusion (1.x, 2.x, XL, 3.x) or Flux model; under "
+                                "torchrun/accelerate for several GPUs.")
     p.add_argument("--config", help="run.yaml: any of the settings below, plus `train:` (training settings) and "
                    "`reward:` (a list of {kind, path, weight, ...}). Flags override it.")
     p.add_argument("--model", help="diffusers folder, or a single-file .safetensors checkpoint")
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a reward without weights files (e.g. jpeg_compressibility); repeat to mix")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting, e.g. --set epochs=20 --set lr=1e-4 (see training/config.py)")
-    p.add_argument("--encoders", help="comma-separated encoders to train (clip_l, clip_g, clip_h); default all")
+    p.add_argument("--encoders", help="comma-separated encoders to train (clip_l, clip_g, clip_h, t5xxl); default all")
     p.add_argument("--device", help="auto (each rank's GPU, else CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights of the frozen model (LoRA and log-probs stay fp32)")
     p.add_argument("--backend", choices=["gloo", "nccl"], help="distributed backend (default nccl on GPUs, else gloo)")
