@@ -354,3 +354,171 @@ def write_tiny(root: Path, family: str, seed: int = 0, learnable: bool = False,
     ckpt = write_single_file(root / f"tiny_{family}.safetensors", model, clip, vae)
     config = write_family_config_folder(root / f"tiny_{family}_config", family, model, clip)
     return {"checkpoint": ckpt, "config": config, "model": model, "clip": clip, "vae": vae, "family": family}
+
+
+# -- SD 3.x and Flux ---------------------------------------------------------------------------------------
+
+T5_TOKENIZER_DIR = Path(COMFY_DIR) / "comfy" / "text_encoders" / "t5_tokenizer"
+# comfy.latent_formats.SD3 / Flux (scale, shift), which the diffusers VAE configs of those families carry
+FLOW_VAE_SCALING = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+FLOW_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def _hf_clip(comfy_encoder, with_projection: bool):
+    """A transformers CLIP text model carrying the weights of one of ComfyUI's built CLIP encoders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = _clip_text_config(comfy_encoder, with_projection)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(CLIPTextConfig(**cfg))
+    sd = {k.removeprefix("transformer."): v for k, v in comfy_encoder.state_dict().items() if k.startswith("transformer.")}
+    if not with_projection:
+        sd.pop("text_projection.weight")
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5's CLIPTextModel
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return model
+
+
+def _hf_t5(comfy_t5, family: str):
+    """A transformers T5EncoderModel carrying the weights of ComfyUI's built T5-XXL (tiny sizes, T5 v1.1 layout)."""
+    from transformers import T5Config, T5EncoderModel
+
+    sizes = tiny_models.t5_config(tiny_models.T5_WIDTHS[family])
+    sd = {k.removeprefix("transformer."): v for k, v in comfy_t5.state_dict().items() if k.startswith("transformer.")}
+    cfg = T5Config(**sizes, vocab_size=sd["shared.weight"].shape[0], feed_forward_proj="gated-gelu",
+                   relative_attention_num_buckets=32, layer_norm_epsilon=1e-6, is_encoder_decoder=False,
+                   use_cache=False, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0)
+    model = T5EncoderModel(cfg)
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+def flow_vae(family: str, comfy_vae):
+    """The diffusers AutoencoderKL of tiny_models.tiny_vae(latent_channels=16), converted by diffusers' own
+    single-file converter, with the family's scale and shift (tiny_models' VAE keeps quant convs, which real SD3 /
+    Flux VAEs lack)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    cfg = vae_config()
+    scale, shift = FLOW_VAE_SCALING[family]
+    cfg.update(latent_channels=16, scaling_factor=scale, shift_factor=shift)
+    cfg.pop("_class_name")
+    sd = {f"first_stage_model.{k}": v.clone() for k, v in comfy_vae.first_stage_model.state_dict().items()}
+    vae = AutoencoderKL(**cfg)
+    missing, unexpected = vae.load_state_dict(convert_ldm_vae_checkpoint(sd, cfg), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return vae
+
+
+def flow_transformer(family: str, comfy_model):
+    """The diffusers SD3Transformer2DModel / FluxTransformer2DModel of tiny_models.tiny_transformer, its weights
+    converted from ComfyUI's MMDiT / Flux by diffusers' own single-file converters."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    sd = {k: v.clone() for k, v in comfy_model.model.diffusion_model.state_dict().items()}
+    if family == "sd3":
+        from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+        t = tiny_models.TINY_MMDIT
+        ctx = t["context_embedder_config"]["params"]
+        model = SD3Transformer2DModel(
+            sample_size=2 * t["pos_embed_max_size"], patch_size=t["patch_size"], in_channels=t["in_channels"],
+            num_layers=t["depth"], attention_head_dim=64, num_attention_heads=t["depth"],  # MMDiT: 64·depth wide
+            joint_attention_dim=ctx["in_features"], caption_projection_dim=ctx["out_features"],
+            pooled_projection_dim=t["adm_in_channels"], out_channels=t["out_channels"],
+            pos_embed_max_size=t["pos_embed_max_size"])
+        converted = convert_sd3_transformer_checkpoint_to_diffusers(sd)
+    else:
+        t = tiny_models.TINY_FLUX
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=t["in_channels"] * t["patch_size"] ** 2, num_layers=t["depth"],
+            num_single_layers=t["depth_single_blocks"], attention_head_dim=t["hidden_size"] // t["num_heads"],
+            num_attention_heads=t["num_heads"], joint_attention_dim=t["context_in_dim"],
+            pooled_projection_dim=t["vec_in_dim"], guidance_embeds=t["guidance_embed"],
+            axes_dims_rope=tuple(t["axes_dim"]))
+        converted = _flux_converter(t["hidden_size"])(sd)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+def _flux_converter(hidden: int):
+    """diffusers' Flux single-file converter with its hidden width (hard-coded 3072, Flux-dev's) set to `hidden`."""
+    import inspect
+
+    import diffusers.loaders.single_file_utils as sfu
+
+    source = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    assert source.count("inner_dim = 3072") == 1
+    namespace = dict(vars(sfu))
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {hidden}"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def flow_scheduler(family: str):
+    """The FlowMatchEulerDiscreteScheduler configs SD3's and Flux-dev's folders ship."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if family == "sd3":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def _tokenizers(root: Path, family: str) -> dict:
+    """The CLIP tokenizers (ComfyUI's files, CLIP-G padding with "!") and ComfyUI's T5 tokenizer, copied into a
+    scratch folder under `root` (never into the repository)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    shutil.rmtree(root, ignore_errors=True)
+    _write_tokenizer(root / "clip_l", "<|endoftext|>")
+    shutil.copytree(T5_TOKENIZER_DIR, root / "t5")
+    out = {"tokenizer": CLIPTokenizer.from_pretrained(str(root / "clip_l"))}
+    t5 = T5TokenizerFast.from_pretrained(str(root / "t5"))
+    if family == "sd3":
+        _write_tokenizer(root / "clip_g", "!")
+        out.update(tokenizer_2=CLIPTokenizer.from_pretrained(str(root / "clip_g")), tokenizer_3=t5)
+    else:
+        out["tokenizer_2"] = t5
+    return out
+
+
+def tiny_flow_pipeline(root: Path, family: str, seed: int = 0, learnable: bool = True):
+    """(diffusers pipeline, (MODEL, CLIP, VAE)) of a tiny SD 3.x or Flux model: the pipeline carries the weights of
+    tiny_models.tiny_checkpoint(family) (ComfyUI's own MMDiT / Flux, SD3ClipModel / FluxClipModel and VAE)."""
+    import diffusers
+
+    with torch.inference_mode():
+        model, clip, vae = tiny_models.tiny_checkpoint(family, seed, learnable)
+    cond = clip.cond_stage_model
+    with torch.inference_mode(False):
+        encoders = {"text_encoder": _hf_clip(cond.clip_l, with_projection=family == "sd3")}
+        if family == "sd3":
+            encoders.update(text_encoder_2=_hf_clip(cond.clip_g, with_projection=True),
+                            text_encoder_3=_hf_t5(cond.t5xxl, family))
+        else:
+            encoders["text_encoder_2"] = _hf_t5(cond.t5xxl, family)
+        # the comfy weights are inference tensors; the pipeline's must be ordinary ones
+        for te in encoders.values():
+            for p in te.parameters():
+                p.data = p.data.clone()
+        cls = getattr(diffusers, FLOW_PIPELINES[family])
+        pipe = cls(transformer=flow_transformer(family, model), scheduler=flow_scheduler(family),
+                   vae=flow_vae(family, vae), **encoders, **_tokenizers(Path(root) / "tokenizers", family))
+    return pipe, (model, clip, vae)
+
+
+def write_tiny_flow(root: Path, family: str, seed: int = 0, learnable: bool = True) -> dict:
+    """A tiny SD 3.x / Flux diffusers folder (save_pretrained of tiny_flow_pipeline) and the ComfyUI MODEL, CLIP and
+    VAE whose weights it carries."""
+    root = Path(root)
+    pipe, (model, clip, vae) = tiny_flow_pipeline(root, family, seed, learnable)
+    folder = root / f"tiny_{family}"
+    pipe.save_pretrained(folder)
+    return {"folder": folder, "model": model, "clip": clip, "vae": vae, "family": family}
