@@ -253,15 +253,33 @@ def test_a_flux_file_with_a_transformer_part_applies_its_text_encoders_and_repor
 
 
 def test_keys_the_loader_does_not_know_are_reported_without_a_model(clips, loras_dir):
-    """OneTrainer's SD 3.x files may train CLIP-L's text projection (lora_te1_text_projection), which the pack does
-    not apply: the report counts it instead of saying that every key matched."""
+    """A key of no text-encoder layer the pack knows is counted in the report instead of saying every key matched."""
     sd = as_kohya(clips.mods("flux", ("t5xxl",)))
-    sd["lora_te1_text_projection.lora_down.weight"] = torch.zeros(4, 32)
-    sd["lora_te1_text_projection.lora_up.weight"] = torch.zeros(32, 4)
-    name = write(loras_dir / "proj.safetensors", sd)
+    sd["lora_te1_text_model_final_layer_norm.lora_down.weight"] = torch.zeros(4, 32)
+    sd["lora_te1_text_model_final_layer_norm.lora_up.weight"] = torch.zeros(32, 4)
+    name = write(loras_dir / "unknown.safetensors", sd)
     out_clip, _, report = run_loader(clips.base("flux"), lora_1=name, strength_1=STRENGTH)
-    assert "keys not matched: 2 (e.g. lora_te1_text_projection." in report
+    assert "keys not matched: 2 (e.g. lora_te1_text_model_final_layer_norm." in report
     assert_same(encode(out_clip), clips.expected("flux", ("t5xxl",)), tol=TOL)
+
+
+def test_onetrainers_text_projection_keys_apply_as_in_the_stock_loader(clips, loras_dir):
+    """OneTrainer's SD 3.x files may train the CLIPs' pooled-output projections (lora_te1_/lora_te2_text_projection),
+    which ComfyUI's stock loader applies: so does the pack, and CLIP-G's moves SD 3.x's pooled output."""
+    g = torch.Generator().manual_seed(5)
+    sd = as_kohya(clips.mods("sd3", ("t5xxl",)))
+    for slot, width in (("te1", tiny_models.WIDTHS["clip_l"][0]), ("te2", tiny_models.WIDTHS["clip_g"][0])):
+        sd[f"lora_{slot}_text_projection.lora_down.weight"] = torch.randn(4, width, generator=g) * 0.3
+        sd[f"lora_{slot}_text_projection.lora_up.weight"] = torch.randn(width, 4, generator=g) * 0.3
+        sd[f"lora_{slot}_text_projection.alpha"] = torch.tensor(2.0)
+    name = write(loras_dir / "proj.safetensors", sd)
+    clip = clips.base("sd3")
+    out_clip, _, report = run_loader(clip, lora_1=name, strength_1=STRENGTH)
+    assert "keys not matched: 0" in report
+    _, stock = stock_lora_loader(clip, name, STRENGTH)
+    ours_cond, stock_cond = encode(out_clip), encode(stock)
+    assert_same(ours_cond, stock_cond, tol=1e-6)
+    assert (ours_cond[1] - clips.expected("sd3", ("t5xxl",))[1]).abs().max() > 1e-2
 
 
 def test_converter_refuses_a_family_the_file_does_not_fit(clips, loras_dir):

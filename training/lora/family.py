@@ -124,6 +124,7 @@ PIPELINE_PREFIXES = _pipeline_prefixes()
 # CLIP state dict also uses under `<encoder>.transformer.`; LoRAs are trained on the attention projections.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 T5_PROJECTIONS = ("q", "k", "v", "o")
+TEXT_PROJECTION = "text_projection"  # a CLIP's pooled-output projection (CLIPTextModelWithProjection's, ComfyUI's)
 _ENCODER = "|".join(ENCODERS)
 _LAYER = r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
 _T5_LAYER = r"encoder\.block\.(\d+)\.(layer\.0\.SelfAttention\.[qkvo]|layer\.1\.DenseReluDense\.(?:wi_0|wi_1|wi|wo))"
@@ -168,7 +169,10 @@ def comfy_encoder_module(name: str) -> tuple[str, str] | None:
 
 def kohya_module_to_path(name: str) -> str | None:
     """'text_model_encoder_layers_3_self_attn_q_proj' -> 'text_model.encoder.layers.3.self_attn.q_proj';
-    'encoder_block_3_layer_0_SelfAttention_q' -> 'encoder.block.3.layer.0.SelfAttention.q'."""
+    'encoder_block_3_layer_0_SelfAttention_q' -> 'encoder.block.3.layer.0.SelfAttention.q'; 'text_projection' (the
+    projection of a CLIP's pooled output, which OneTrainer's SD 3.x files train) is itself."""
+    if name == TEXT_PROJECTION:
+        return name
     m = _KOHYA_LAYER.match(name)
     if m:
         return module_path(int(m.group(1)), m.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp."))
