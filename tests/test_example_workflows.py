@@ -389,3 +389,29 @@ def test_workflow_converter_on_comfyuis_default_template(server, object_info, wh
     for_tiny_model(api, {})
     entry = server.run(api, timeout=120)
     assert all(p.is_file() for p in saved_images(server, entry, api))
+
+
+FLUX_WORKFLOW = REPO / "example_workflows" / "texforce_train_flux.json"
+
+
+def test_example_workflow_train_flux_runs(server, object_info):
+    """The Flux template (flow_grpo preset, T5 only, cfg-1 euler / simple comparison) on the tiny Flux checkpoint,
+    shrunk to one epoch of 4 images at 64²: it trains a te3 file and renders before | after."""
+    api = to_api(load(FLUX_WORKFLOW), object_info)
+    (_, train), = nodes_of(api, "TexForceTrain")
+    assert (train["inputs"]["preset"], train["inputs"]["text_encoders"]) == ("flow_grpo", "t5xxl")
+    assert (train["inputs"]["steps"], train["inputs"]["eta"], train["inputs"]["guidance"]) == (10, 0.7, 3.5)
+    assert all(ks["inputs"]["cfg"] == 1.0 and ks["inputs"]["scheduler"] == "simple" for _, ks in nodes_of(api, "KSampler"))
+    substitute(api, "CheckpointLoaderSimple", {**TINY, "inputs": {"family": "flux", "seed": 0}})
+    set_inputs(api, "TexForceTrain", prompts="a photo of a cat\na photo of a dog", epochs=1, images_per_epoch=4,
+               images_per_prompt=2, batch_size=2, width=64, height=64, steps=2, lora_name="example_wf/flux_t5")
+    set_inputs(api, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    set_inputs(api, "KSampler", steps=2)
+    entry = server.run(api, timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    assert all(p.is_file() for p in saved_images(server, entry, api))
+    lora = server.base / "models" / "loras" / "texforce" / "example_wf" / "flux_t5.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(lora), framework="pt") as f:
+        assert {k.split("_", 2)[1] for k in f.keys()} == {"te3"} and f.metadata()["texforce.family"] == "flux"
