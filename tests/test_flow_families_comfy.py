@@ -185,3 +185,34 @@ def test_an_sd3_clip_without_t5_is_sd3s_not_sdxls(checkpoints):
     assert detect.family_mismatch(lora, layout.family) is None
     lora.metadata = {"texforce.family": "sdxl"}
     assert "but the CLIP is SD 3.x" in detect.family_mismatch(lora, layout.family)
+
+
+def test_a_scaled_fp8_t5_trains_the_lora_the_stock_loader_applies(loras_dir):
+    """ComfyUI's scaled-fp8 T5 (t5xxl_fp8_e4m3fn_scaled: e4m3 weights × a per-layer scale_weight) hands weight
+    wrappers the stored weight and multiplies by the scale afterwards: the trained LoRA must still be the ΔW that
+    ComfyUI's stock LoraLoader (which patches W itself) applies, not ΔW × scale."""
+    from lora_builders import encode
+    from test_lora_loading import assert_same, stock_lora_loader
+
+    with torch.inference_mode():
+        clip = tiny_models.tiny_clip("flux", 0, t5_scaled_fp8=0.25)
+        host = ComfyHost(tiny_models.tiny_transformer("flux", 0), clip, tiny_models.tiny_vae(0, latent_channels=16),
+                         rank=4, alpha=4.0, encoders=["t5xxl"])
+    t5_q = clip.cond_stage_model.t5xxl.transformer.encoder.block[0].layer[0].SelfAttention.q
+    assert t5_q.weight.dtype == torch.float8_e4m3fn and float(t5_q.scale_weight) == 0.25
+    randomise_lora(host, std=0.5)
+    with torch.inference_mode(False), torch.no_grad():
+        trained = host.encode(["a red apple"])
+    path = pack.training.lora.save_kohya(host.lora.to_lora_set("trained"), loras_dir / "fp8_t5.safetensors",
+                                         family="flux")
+    _, stock = stock_lora_loader(clip, path.name, 1.0)
+    with torch.inference_mode():
+        stock_cond, stock_pooled = encode(stock, "a red apple")
+        base_cond, _ = encode(clip, "a red apple")
+    moved = (stock_cond - base_cond).norm()
+    error = (trained["cross_attn"] - stock_cond).norm()
+    print(f"LoRA moved T5's output by {moved:.4g}; trainer vs stock loader {error:.4g} ({error / moved:.3f})")
+    # the stock loader rounds the patched weight back to e4m3 (the trainer adds ΔW in fp32): not bit-equal, but a
+    # LoRA applied ×scale would be 75% off
+    assert moved > 1e-2 and error < 0.1 * moved
+    assert_same((stock_pooled,), (trained["pooled"],), tol=1e-6)  # CLIP-L: no LoRA, not fp8

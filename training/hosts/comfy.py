@@ -48,7 +48,7 @@ from ..lora.family import (ENCODER_LABELS, FAMILIES, attention_path, comfy_encod
                            slot_for_encoder)
 from ..lora.keys import parse_state_dict
 from ..lora.trainable import TrainableLora
-from ..memory_plan import PlanInputs, TextEncoderSpec, UNetSpec
+from ..memory_plan import PlanInputs, T5EncoderSpec, TextEncoderSpec, TransformerSpec, UNetSpec
 
 log = logging.getLogger(__name__)
 # ComfyUI attention functions that keep O(tokens) for backward (the others keep softmax maps; memory_plan.py)
@@ -170,10 +170,15 @@ _OUT_OF_PLACE = {comfy.clip_model.CLIPLayer: _clip_layer_forward_out_of_place,
 
 
 class _LoraWrapper:
-    """Weight wrapper computing W + ΔW for one target; reads the host's LoRA (and its on/off switch) at call time."""
+    """Weight wrapper computing W + ΔW for one target; reads the host's LoRA (and its on/off switch) at call time.
 
-    def __init__(self, lora: TrainableLora, index: int):
+    `scale`: a scaled-fp8 layer's `scale_weight` (e.g. t5xxl_fp8_e4m3fn_scaled). ComfyUI hands weight wrappers the
+    stored weight, W/scale, and multiplies by scale afterwards, so ΔW/scale is added: the layer computes W + ΔW,
+    what ComfyUI's LoRA patching (and every other loader) gives for the file the run writes."""
+
+    def __init__(self, lora: TrainableLora, index: int, scale: torch.Tensor | None = None):
         self.lora, self.index = lora, index
+        self.scale = None if scale is None else float(scale)  # one number per layer (a float: no inference tensor)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         w = w.detach()
@@ -182,6 +187,8 @@ class _LoraWrapper:
         # ΔW and the sum in fp32, rounded once to the weight's dtype: in bf16/fp16 a product of two half-precision
         # factors, then a half-precision add, would lose an early, small ΔW twice over
         delta = self.lora.delta(self.index, torch.float32, w.device)
+        if self.scale is not None:
+            delta = delta / self.scale
         return w + delta if w.dtype == torch.float32 else (w.float() + delta).to(w.dtype)
 
 
@@ -225,8 +232,11 @@ class ComfyHost:
         with torch.inference_mode(False):  # nodes run in inference mode; trainable tensors must not be inference tensors
             self.lora = TrainableLora(shapes, rank=rank, alpha=alpha, seed=seed, device=self.clip.patcher.load_device)
         self.lora.family = self.family
+        modules = dict(self.clip.cond_stage_model.named_modules())
         for index, slot_key in enumerate(self.lora.keys):
-            self.clip.patcher.add_weight_wrapper(by_slot[slot_key], _LoraWrapper(self.lora, index))
+            key = by_slot[slot_key]
+            scale = getattr(modules[key[:-len(".weight")]], "scale_weight", None)
+            self.clip.patcher.add_weight_wrapper(key, _LoraWrapper(self.lora, index, scale))
         _wrap_all(self.clip.patcher, skip=set(by_slot.values()))
         self._context_dim = _context_dim(model)
         self._context_checked = False
@@ -283,22 +293,33 @@ class ComfyHost:
 
     # -- memory plan (training/memory_plan.py): what the estimate needs from ComfyUI's objects ------------
     def memory_inputs(self, cfg) -> PlanInputs | None:
-        """The model's shape, dtypes, weight sizes and ComfyUI's attention choice, with the run's settings (None for a
-        transformer (SD 3.x MMDiT, Flux): the plan counts U-Net layers only)."""
+        """The model's shape, dtypes, weight sizes and ComfyUI's attention choice, with the run's settings: a U-Net
+        spec, or a transformer spec for SD 3.x's MMDiT and Flux (None for a layout the plan does not walk)."""
         base = self._model.model
-        if "channel_mult" not in base.model_config.unet_config:
-            return None
+        config = base.model_config.unet_config
+        unet = transformer = None
+        if "channel_mult" in config:
+            unet = UNetSpec.from_config(config)
+        else:
+            try:
+                transformer = TransformerSpec.from_config(config)
+            except (KeyError, ValueError) as e:
+                log.debug("TexForce: no memory plan for %s: %s", type(base.diffusion_model).__name__, e)
+                return None
         weight_dtype = base.get_dtype()
         compute = base.manual_cast_dtype or weight_dtype
-        config = base.model_config.unet_config
         attention = comfy.ldm.modules.attention.optimized_attention.__name__
         precision = comfy.ldm.modules.attention.get_attn_precision(config.get("attn_precision"), compute)
         low_vram = comfy.model_management.vram_state in (comfy.model_management.VRAMState.LOW_VRAM,
                                                          comfy.model_management.VRAMState.NO_VRAM)
+        # a transformer's encoders: the trained ones only (an untrained T5 keeps nothing, and would dwarf the rest);
+        # a U-Net's: all of them, as before
+        encoders = tuple(_encoder_specs(self.clip, self.encoders if unet is None else None))
         return PlanInputs(
-            unet=UNetSpec.from_config(config), encoders=tuple(_encoder_specs(self.clip.cond_stage_model)),
+            unet=unet, transformer=transformer, encoders=encoders,
             latent=self.latent_shape(cfg.height, cfg.width), sample_batch=cfg.sample_batch_size,
-            train_batch=cfg.train_batch_size, guidance=not math.isclose(cfg.guidance, 1.0),
+            # Flux's distilled guidance is one pass (no negative)
+            train_batch=cfg.train_batch_size, guidance=not (math.isclose(cfg.guidance, 1.0) or self.distilled_guidance),
             images_per_epoch=cfg.images_per_epoch, steps=cfg.num_steps, act_bytes=compute.itemsize,
             unet_weight_bytes=self._model.model_size(),
             unet_parameters=sum(p.numel() for p in base.diffusion_model.parameters()),
@@ -309,7 +330,11 @@ class ComfyHost:
             weights_cast=compute != weight_dtype,
             lora_parameters=sum(p.numel() for p in self.lora.parameters()),
             lora_target_elements=sum(up.shape[0] * down.shape[1] for up, down in zip(self.lora.up, self.lora.down)),
-            checkpointing=self.gradient_checkpointing, count_weights=not low_vram)
+            checkpointing=self.gradient_checkpointing, count_weights=not low_vram,
+            context_tokens=_context_tokens(self.clip, unet is not None),
+            # the pooled vector comes from the CLIP encoders (T5 gives none): trained, it carries a gradient
+            vector_grad=any(enc != "t5xxl" for enc in self.encoders),
+            inplace_residuals=isinstance(base.diffusion_model, _INPLACE_RESIDUAL_MODELS))
 
     def available_memory(self) -> tuple[float, str]:
         """(bytes, device name): what ComfyUI reports free on the model's device, plus what the models it has
@@ -492,17 +517,45 @@ def encode_batch(clip, prompts: list[str]) -> Cond:
     return out
 
 
-def _encoder_specs(module: torch.nn.Module) -> list[TextEncoderSpec]:
-    """The shape of every CLIP text transformer in a ComfyUI CLIP model (SDXL: CLIP-L and CLIP-G)."""
+def _encoder_specs(clip, trained: list[str] | None = None) -> list[TextEncoderSpec | T5EncoderSpec]:
+    """The shape of every text encoder in a ComfyUI CLIP (SDXL: CLIP-L and CLIP-G; SD 3.x: those and T5-XXL; Flux:
+    CLIP-L and T5-XXL), each at the tokens its tokenizer pads to; only the `trained` ones when given (the others
+    run without gradient and keep nothing)."""
     specs = []
-    for m in module.modules():
+    for name, m in clip.cond_stage_model.named_modules():
+        encoder = comfy_encoder_module(f"{name}.x")
+        if trained is not None and (encoder is None or encoder[0] not in trained):
+            continue
         if isinstance(m, comfy.clip_model.CLIPEncoder) and len(m.layers):
             layer = m.layers[0]
             act = next((k for k, f in comfy.clip_model.ACTIVATIONS.items() if f is layer.mlp.activation), "gelu")
             specs.append(TextEncoderSpec(width=layer.self_attn.q_proj.in_features, layers=len(m.layers),
                                          heads=layer.self_attn.heads, intermediate=layer.mlp.fc1.out_features,
                                          activation=act))
+        elif isinstance(m, comfy.text_encoders.t5.T5Stack) and len(m.block):
+            attn = m.block[0].layer[0].SelfAttention
+            ff = m.block[0].layer[-1].DenseReluDense
+            gated = isinstance(ff, comfy.text_encoders.t5.T5DenseGatedActDense)
+            specs.append(T5EncoderSpec(width=attn.q.in_features, layers=len(m.block), heads=attn.num_heads,
+                                       head_width=attn.q.out_features // attn.num_heads,
+                                       intermediate=(ff.wi_0 if gated else ff.wi).out_features, gated=gated,
+                                       tokens=_t5_tokens(clip)))
     return specs
+
+
+def _t5_tokens(clip) -> int:
+    """The tokens ComfyUI's T5 tokenizer pads a prompt to (77 on SD 3.x, 256 on Flux); longer prompts have more."""
+    return int(getattr(getattr(clip.tokenizer, "t5xxl", None), "min_length", None) or 77)
+
+
+def _context_tokens(clip, unet: bool) -> int:
+    """The text tokens the diffusion model attends to: 77 for a U-Net; SD 3.x joins CLIP's 77 to T5's tokens, Flux
+    has T5's only."""
+    tokenizer = clip.tokenizer
+    if unet or getattr(tokenizer, "t5xxl", None) is None:
+        return 77
+    return (77 if getattr(tokenizer, "clip_l", None) is not None and getattr(tokenizer, "clip_g", None) is not None
+            else 0) + _t5_tokens(clip)
 
 
 def _context_dim(model) -> int | None:

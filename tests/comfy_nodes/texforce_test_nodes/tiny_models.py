@@ -43,7 +43,7 @@ def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+            p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float32) * std).to(p.dtype))
     return module
 
 
@@ -106,13 +106,23 @@ def _make_clip(family: str, t5: bool = True):
     raise ValueError(f"unknown family {family!r}")
 
 
-def tiny_clip(family: str = "sd1", seed: int = 0, text_controls_image: bool = False, t5: bool = True) -> comfy.sd.CLIP:
+def tiny_clip(family: str = "sd1", seed: int = 0, text_controls_image: bool = False, t5: bool = True,
+              t5_scaled_fp8: float | None = None) -> comfy.sd.CLIP:
+    """t5_scaled_fp8: T5 stored as ComfyUI's scaled fp8 (t5xxl_fp8_e4m3fn_scaled.safetensors): e4m3 weights and one
+    scale_weight per layer (this value), loaded through comfy.ops.scaled_fp8_ops."""
     options = {"dtype": torch.float32, **(_flow_clip_options(family) if family in T5_WIDTHS else {})}
+    if t5_scaled_fp8 is not None:
+        options["t5xxl_scaled_fp8"] = torch.float8_e4m3fn
     clip = comfy.sd.CLIP(target=_make_clip(family, t5), model_options=options)
     if text_controls_image:
         init_fan_in(clip.cond_stage_model, seed)
     else:
         init_weights(clip.cond_stage_model, seed)
+    if t5_scaled_fp8 is not None:
+        with torch.no_grad():
+            for name, p in clip.cond_stage_model.named_parameters():
+                if name.endswith("scale_weight"):
+                    p.fill_(t5_scaled_fp8)
     return clip
 
 
