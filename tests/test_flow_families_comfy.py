@@ -216,3 +216,14 @@ def test_a_scaled_fp8_t5_trains_the_lora_the_stock_loader_applies(loras_dir):
     # LoRA applied ×scale would be 75% off
     assert moved > 1e-2 and error < 0.1 * moved
     assert_same((stock_pooled,), (trained["pooled"],), tol=1e-6)  # CLIP-L: no LoRA, not fp8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_negative_prompt_keeps_no_encoder_graph_where_the_model_never_reads_it(checkpoints, family):
+    """Flux has no negative pass: its negative prompt is encoded without gradient in the training pass (no T5
+    activations kept for it); SD 3.x's goes through the LoRA'd encoders with its gradient, as CFG reads it."""
+    host = host_of(checkpoints, family)
+    with torch.inference_mode(False), host.training(), torch.enable_grad():
+        negative = sampling.encode_negative(host, flow_config())
+    assert all(v.requires_grad for v in negative.values()) == (family == "sd3")
+    assert host.uses_negative_prompt == (family == "sd3")

@@ -24,6 +24,8 @@ class Host(Protocol):
     alphas_cumprod: torch.Tensor | None  # (T,) fp32 on the CPU, T = 1000 for Stable Diffusion; None: flow model
     # optional: sampler_schedule(num_steps) -> ddim.DDIMSchedule | flow_step.FlowSchedule, the chain's steps
     # (a host without it gets DDIM on alphas_cumprod)
+    # optional: uses_negative_prompt: bool, False when the model has no negative pass (Flux's distilled guidance):
+    # the negative prompt is then encoded without gradient (training/sampling.py encode_negative)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent for an image of height × width pixels."""

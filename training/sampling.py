@@ -57,6 +57,16 @@ def expand(cond: Cond, batch: int) -> Cond:
     return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
 
 
+def encode_negative(host: Host, cfg: TrainConfig) -> Cond:
+    """The negative prompt's conditioning. A model without a negative pass (Flux's distilled guidance: the host's
+    `uses_negative_prompt` is False) never reads it: it is encoded without gradient, so that the training pass keeps
+    no encoder activations for it (a T5-XXL row is gigabytes)."""
+    if getattr(host, "uses_negative_prompt", True):
+        return host.encode([cfg.negative_prompt])
+    with torch.no_grad():
+        return host.encode([cfg.negative_prompt])
+
+
 def draw_seed(gen: torch.Generator) -> int:
     """A base seed for a batch of per-image generators."""
     return int(torch.randint(0, SEED_RANGE, (1,), generator=gen))

@@ -22,7 +22,7 @@ from .ddim import DDIMSchedule
 from .distributed import Group
 from .host import Cond, Host, Predict
 from .losses import PolicyLoss, dpok_kl, ppo_clip_loss, regression_loss, sf_loss
-from .sampling import Trajectory, expand
+from .sampling import Trajectory, encode_negative, expand
 
 
 def step_groups(total: int, per_step: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -200,12 +200,12 @@ def backward_microbatch(host: Host, cfg: TrainConfig, sched: DDIMSchedule, mb: M
     if not cfg.encode_once_per_microbatch:  # the plain form: the encoder runs again for every timestep
         for j in range(k):
             poll()
-            cond, uncond = host.encode(mb.prompts), host.encode([cfg.negative_prompt])
+            cond, uncond = host.encode(mb.prompts), encode_negative(host, cfg)
             _check_grad_path(cond, uncond)
             with host.predictor(cond, expand(uncond, b), cfg.guidance) as predict:
                 timestep_backward(predict, cfg, sched, mb, j, mean_ref, scale, log)
         return
-    cond, uncond = host.encode(mb.prompts), host.encode([cfg.negative_prompt])
+    cond, uncond = host.encode(mb.prompts), encode_negative(host, cfg)
     _check_grad_path(cond, uncond)
     cond_leaf, uncond_leaf = _leaves(cond), _leaves(uncond)
     with host.predictor(cond_leaf, expand(uncond_leaf, b), cfg.guidance) as predict:
@@ -260,7 +260,7 @@ class StepEncoder:
         self.last = {p: m for m, prompts in enumerate(micro_prompts) for p in prompts}  # a prompt's last micro-batch
         self.rows: dict[str, tuple[Cond, int]] = {}  # prompt -> (the leaves of its encoding, its row)
         self.pending: dict[int, list[tuple[Cond, Cond]]] = {}  # micro-batch -> (output, leaves) to release after it
-        self._negative = host.encode([cfg.negative_prompt])
+        self._negative = encode_negative(host, cfg)
         self.uncond = self._hold(self._negative, len(micro_prompts) - 1)
 
     def _hold(self, encoded: Cond, until: int) -> Cond:

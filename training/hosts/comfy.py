@@ -208,6 +208,7 @@ class ComfyHost:
         self.flow = isinstance(sampling, comfy.model_sampling.CONST)
         self.model_family = family_of_comfy_config(getattr(model.model, "model_config", None))
         self.distilled_guidance = bool(self.model_family and FAMILIES[self.model_family].distilled_guidance)
+        self.uses_negative_prompt = not self.distilled_guidance  # Flux: one pass, the guidance is an input
         self.alphas_cumprod = (None if self.flow else
                                abar_from_sigma(sampling.sigmas.detach().float().cpu()).contiguous())
         self.sample_sigmas: torch.Tensor | None = None  # the run's DDIM sigmas, for MODEL patches that read them

@@ -167,6 +167,7 @@ class DiffusersHost:
         self.alphas_cumprod, self._abar = None, None
         self.conditioning = FLOW_CONDITIONING[self.family]
         self.guidance_embeds = bool(self.denoiser.config.get("guidance_embeds", False))
+        self.uses_negative_prompt = not self.guidance_embeds  # Flux: one pass, the guidance is an input
         self._sigmas, self._time_scale = comfy_flow_sampling(self.family, pipe.scheduler.config, self.guidance_embeds)
         attrs = {m.encoder: m.pipeline for m in self.spec.members}
         for enc, projected in self.conditioning.pooled:
