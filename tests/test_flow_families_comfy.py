@@ -227,3 +227,39 @@ def test_the_negative_prompt_keeps_no_encoder_graph_where_the_model_never_reads_
         negative = sampling.encode_negative(host, flow_config())
     assert all(v.requires_grad for v in negative.values()) == (family == "sd3")
     assert host.uses_negative_prompt == (family == "sd3")
+
+
+def test_flux_in_bf16_keeps_the_ratio_exactly_one_and_trains_t5(checkpoints):
+    """Flux as ComfyUI runs it on GPUs: the transformer in bf16 (computing in bf16), CLIP-L and T5 with bf16
+    weights; the LoRA and the log-prob stay fp32, re-scoring gives the stored log-probs exactly, and a PPO update
+    raises the surrogate."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    from test_train_comfy import assert_ratio_one_and_update_raises_surrogate
+
+    model, clip, vae = checkpoints["flux"]
+
+    def rounded(state):
+        return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+
+    with torch.inference_mode():
+        cfg = comfy.supported_models.Flux(dict(tiny_models.TINY_FLUX))
+        cfg.set_inference_dtype(torch.bfloat16, None)
+        base = cfg.get_model({}, device=torch.device("cpu"))
+        base.load_state_dict(rounded(model.model.state_dict()))
+        half_model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                                      offload_device=mm.unet_offload_device())
+        half_clip = comfy.sd.CLIP(target=tiny_models._make_clip("flux"),
+                                  model_options={"dtype": torch.bfloat16, **tiny_models._flow_clip_options("flux")})
+        half_clip.cond_stage_model.load_state_dict(rounded(clip.cond_stage_model.state_dict()))
+        host = ComfyHost(half_model, half_clip, vae, rank=4, alpha=4.0, encoders=["t5xxl"])
+    t5_q = half_clip.cond_stage_model.t5xxl.transformer.encoder.block[0].layer[0].SelfAttention.q
+    assert t5_q.weight.dtype == torch.bfloat16 and next(base.diffusion_model.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in host.trainable_parameters())
+    randomise_lora(host, std=0.05)
+    tr = loop.Trainer(host, brightness, PROMPTS, flow_config(lr=1e-3, train_batch_size=4,
+                                                            gradient_accumulation_steps=1, clip_range=10.0))
+    assert_ratio_one_and_update_raises_surrogate(host, tr)
