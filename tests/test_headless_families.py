@@ -84,12 +84,16 @@ def test_same_family_schedule_and_initial_lora(tiny, family, encoders):
         assert h.family == comfy_host.family == family
         assert h.encoders == comfy_host.encoders
         torch.testing.assert_close(h.alphas_cumprod, comfy_host.alphas_cumprod, rtol=1e-6, atol=1e-7)
-        state = h.lora_state()
-        assert state.keys() == ref.keys()
-        for k in ref:
-            assert torch.equal(state[k], ref[k]), k
-        assert [tuple(p.shape) for p in h.trainable_parameters()] == \
-            [tuple(p.shape) for p in comfy_host.trainable_parameters()]
+        assert_same_initial_lora(h, comfy_host)
+
+
+def assert_same_initial_lora(a, b) -> None:
+    """Two hosts start from the same LoRA: the same keys and values, the same parameter layout."""
+    sa, sb = a.lora_state(), b.lora_state()
+    assert sa.keys() == sb.keys()
+    for k in sb:
+        assert torch.equal(sa[k], sb[k]), k
+    assert [tuple(p.shape) for p in a.trainable_parameters()] == [tuple(p.shape) for p in b.trainable_parameters()]
 
 
 def test_sd2_text_encoder_ends_at_the_penultimate_layer(tiny):

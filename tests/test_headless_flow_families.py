@@ -19,6 +19,7 @@ import torch
 
 from conftest import REPO, pack
 from diffusers_builders import write_tiny_flow
+from test_headless_families import assert_same_initial_lora
 
 dhost = importlib.import_module(f"{pack.__name__}.training.hosts.diffusers")
 loop = importlib.import_module(f"{pack.__name__}.training.loop")
@@ -397,12 +398,7 @@ def test_same_schedule_and_initial_lora(tiny):
         assert comfy_host.family == diff_host.family == family and comfy_host.encoders == diff_host.encoders
         for n in (3, 10):
             assert torch.equal(comfy_host.sampler_schedule(n).times, diff_host.sampler_schedule(n).times)
-        a, b = comfy_host.lora_state(), diff_host.lora_state()
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-        assert [tuple(p.shape) for p in comfy_host.trainable_parameters()] == \
-            [tuple(p.shape) for p in diff_host.trainable_parameters()]
+        assert_same_initial_lora(comfy_host, diff_host)
 
 
 def test_same_conditioning_as_the_comfy_host(hosts):
