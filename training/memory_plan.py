@@ -14,6 +14,12 @@ GEGLU feed-forwards, Down/Upsample, skip concatenations), given its config (Comf
   plus one layer recomputed during backward.
 - both: the epoch's stored trajectories (images_per_epoch × (steps+1) fp32 latents, kept on the device).
 
+Transformers (SD 3.x's MMDiT: comfy/ldm/modules/diffusionmodules/mmdit.py; Flux: comfy/ldm/flux/) are walked block by
+block instead (`transformer_layers`): joint / double-stream blocks over the image tokens and the text tokens, Flux's
+single-stream blocks over both, what each op saves given what carries a gradient (the text stream from the first
+block; the image stream from the first joint attention, or from the first modulation when the pooled vector carries
+one). T5 encoders (comfy/text_encoders/t5.py) are counted like the CLIP ones (`T5EncoderSpec`).
+
 Attention: "efficient" (PyTorch SDPA flash/memory-efficient kernels, xformers, flash-attn, sage: what ComfyUI
 uses on NVIDIA/AMD/Intel GPUs) keeps O(tokens) per head for backward; "quadratic" (ComfyUI's sub-quadratic or
 split attention, its CPU default, or --use-split/quad-cross-attention) keeps each head's softmax map,
@@ -95,6 +101,79 @@ class TextEncoderSpec:
     intermediate: int
     activation: str = "quick_gelu"
     tokens: int = 77
+
+
+@dataclass(frozen=True)
+class T5EncoderSpec:
+    """One T5 encoder stack (ComfyUI's comfy.text_encoders.t5.T5: T5-XXL on SD 3.x and Flux), run with the host's
+    out-of-place residuals; `tokens` is what ComfyUI's tokenizer pads to (at least 77 on SD 3.x, 256 on Flux)."""
+
+    width: int
+    layers: int
+    heads: int
+    head_width: int
+    intermediate: int
+    gated: bool = True  # T5 v1.1 (T5-XXL): gelu(wi_0 x) * wi_1 x; else act(wi x)
+    tokens: int = 77
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """The shape of an SD 3.x MMDiT ("mmdit") or a Flux transformer ("flux"), from ComfyUI's unet_config."""
+
+    kind: str
+    hidden: int
+    heads: int
+    depth: int  # joint blocks (MMDiT) or double-stream blocks (Flux)
+    single_depth: int = 0  # Flux's single-stream blocks
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    context_in: int = 4096  # the text encoders' width, projected to `hidden`
+    vector_in: int | None = None  # the pooled vector (MMDiT adm_in_channels, Flux vec_in_dim)
+    qk_norm: bool = False  # RMSNorm of q and k per head (SD 3.5; always on Flux)
+    x_self_attn_layers: tuple[int, ...] = ()  # MMDiT blocks with an image-only self-attention too (SD 3.5 M)
+    qkv_bias: bool = True
+    guidance_embed: bool = False  # Flux dev's distilled guidance input
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TransformerSpec":
+        """From ComfyUI's unet_config of an MMDiT (comfy.supported_models.SD3) or a Flux model (image_model "flux");
+        ValueError for other layouts."""
+        if config.get("image_model") == "flux":
+            if config.get("global_modulation") or config.get("mlp_silu_act"):
+                raise ValueError("Flux 2 layouts are not walked")
+            return cls(kind="flux", hidden=int(config["hidden_size"]), heads=int(config["num_heads"]),
+                       depth=int(config["depth"]), single_depth=int(config["depth_single_blocks"]),
+                       mlp_ratio=float(config.get("mlp_ratio", 4.0)), patch_size=int(config.get("patch_size", 2)),
+                       in_channels=int(config.get("in_channels", 16)), out_channels=int(config.get("out_channels", 16)),
+                       context_in=int(config["context_in_dim"]), vector_in=config.get("vec_in_dim"), qk_norm=True,
+                       qkv_bias=bool(config.get("qkv_bias", False)),
+                       guidance_embed=bool(config.get("guidance_embed", False)))
+        if "depth" in config and "image_model" not in config:
+            if config.get("context_processor_layers") or config.get("swiglu") or config.get("rmsnorm"):
+                raise ValueError("this MMDiT variant is not walked")
+            depth = int(config["depth"])
+            embedder = (config.get("context_embedder_config") or {}).get("params", {})
+            return cls(kind="mmdit", hidden=64 * depth, heads=depth, depth=depth,
+                       mlp_ratio=float(config.get("mlp_ratio", 4.0)), patch_size=int(config.get("patch_size", 2)),
+                       in_channels=int(config.get("in_channels", 16)),
+                       out_channels=int(config.get("out_channels") or config.get("in_channels", 16)),
+                       context_in=int(embedder.get("in_features", 64 * depth)),
+                       vector_in=config.get("adm_in_channels"), qk_norm=config.get("qk_norm") == "rms",
+                       x_self_attn_layers=tuple(config.get("x_block_self_attn_layers") or ()),
+                       qkv_bias=bool(config.get("qkv_bias", True)))
+        raise ValueError("not an MMDiT or Flux config")
+
+    @property
+    def mlp(self) -> int:
+        return int(self.hidden * self.mlp_ratio)
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Patches of a height × width latent (both models pad to the patch size)."""
+        p = self.patch_size
+        return -(-height // p) * -(-width // p)
 
 
 @dataclass
@@ -250,8 +329,172 @@ def unet_parameters(spec: UNetSpec) -> int:
     return time + label + sum(layer.params for layer in unet_layers(spec, 8, 8, 1, 1))
 
 
-def text_encoder_kept(enc: TextEncoderSpec, rows: int, act_bytes: int, attention: str) -> float:
+def _stream_kept(n: int, spec: TransformerSpec, a: int, grad: bool, vector_grad: bool, copies: bool,
+                 pre_only: bool = False) -> float:
+    """Bytes one stream of a joint / double-stream block keeps for backward, besides the joint attention, for n
+    tokens. `grad`: the stream carries a gradient into the block; `vector_grad`: the pooled vector does (then every
+    modulation keeps what it scales: the norms' outputs, the attention projection, the MLP output)."""
+    d, heads = spec.hidden, spec.heads
+    mod = n * d * a if vector_grad else 0.0
+    kept = (n * d * a + 8 * n if grad else 0.0) + mod  # norm1's input (+ its fp32 mean/rstd), the modulated norm
+    if spec.qk_norm and (grad or vector_grad):  # RMSNorm of q and k: their views of qkv (their copies on Flux)
+        kept += (2 if copies else 3) * n * d * a + 2 * n * heads * 4
+    if pre_only:
+        return kept
+    # the attention projection (gated), the residual (norm2's input), the modulated norm2, the MLP's GELU input,
+    # the MLP output (gated)
+    return kept + 3 * mod + n * d * a + 8 * n + n * spec.mlp * a
+
+
+def _x_self_attention_kept(n: int, spec: TransformerSpec, a: int, attention: str, upcast: bool,
+                           vector_grad: bool) -> tuple[float, float]:
+    """(kept, largest) of SD 3.5's image-only self-attention in a joint block: its q k v (views of its qkv; with
+    the qk norm, the normed q and k as well), the attention, the gated projection."""
+    kept, big = _attention(n, n, spec.heads, spec.hidden, a, attention, upcast)
+    if spec.qk_norm:
+        kept += 2 * n * spec.hidden * a + 2 * n * spec.heads * 4
+    return kept + (n * spec.hidden * a if vector_grad else 0.0), big
+
+
+def _single_kept(t: int, spec: TransformerSpec, a: int, attention: str, upcast: bool, vector_grad: bool,
+                 copies: bool) -> tuple[float, float]:
+    """(kept, largest) of a Flux single-stream block over t tokens: its input, the modulated norm, q and k (RMSNorm),
+    the attention (q k after RoPE, v), the MLP half's GELU input, the gated output. Without copies q, k, v and the
+    MLP half are views of linear1's one output, which is kept whole."""
+    d, m = spec.hidden, spec.mlp
+    mod = t * d * a if vector_grad else 0.0
+    att, big = _attention(t, t, spec.heads, d, a, attention, upcast)
+    views = (2 * t * d + t * m) * a if copies else (3 * d + m) * t * a - t * d * a  # v counted by the attention
+    return t * d * a + 8 * t + 2 * mod + views + 2 * t * spec.heads * 4 + att, max(big, t * m * a)
+
+
+def transformer_layers(spec: TransformerSpec, height: int, width: int, text_tokens: int, act_bytes: int,
+                       attention: str = "efficient", upcast: bool = False, vector_grad: bool = True,
+                       copies: bool = False) -> list[Layer]:
+    """Every block of an MMDiT / Flux transformer for a latent of height × width and `text_tokens` text tokens (per
+    sample, bytes), as the training pass sees it: gradients from the conditioning (the text tokens, and the pooled
+    vector when `vector_grad`). `copies`: the host saves copies of saved activations (Flux adds residuals in
+    place), so a saved view is a tensor of its own size. Each layer's `kept` includes the inputs it saves."""
+    a, d, heads = act_bytes, spec.hidden, spec.heads
+    n, L = spec.image_tokens(height, width), text_tokens
+    t = n + L
+    flux = spec.kind == "flux"
+    layers = [Layer("embed", 8 * t * (d // heads) if flux else 0.0, t * d * a, False, 0.0,
+                    a * (t * d + L * spec.context_in), 0.0, _embed_parameters(spec))]
+    image_grad = False  # the image stream's gradient comes from the first joint attention (or the vector's modulation)
+    map_bytes = 4 if upcast else a
+    for i in range(spec.depth):
+        pre_only = spec.kind == "mmdit" and i == spec.depth - 1
+        att, big = _attention(t, t, heads, d, a, attention, upcast)
+        kept = att + _stream_kept(L, spec, a, True, vector_grad, copies, pre_only)
+        kept += _stream_kept(n, spec, a, image_grad, vector_grad, copies)
+        big = max(big, n * spec.mlp * a)
+        if i in spec.x_self_attn_layers and (image_grad or vector_grad):
+            extra, big2 = _x_self_attention_kept(n, spec, a, attention, upcast, vector_grad)
+            kept, big = kept + extra, max(big, big2)
+        image_grad = True
+        transient = a * (9 * t * d + max(n, L) * spec.mlp)
+        amap = heads * t * t * map_bytes if attention == "quadratic" else 0.0
+        layers.append(Layer(f"block{i}", kept, t * d * a, False, t * d * a, transient, big,
+                            _block_parameters(spec, i), attention_map=amap))
+    for i in range(spec.single_depth):
+        kept, big = _single_kept(t, spec, a, attention, upcast, vector_grad, copies)
+        transient = a * t * (2 * (3 * d + spec.mlp) + 4 * d)
+        amap = heads * t * t * map_bytes if attention == "quadratic" else 0.0
+        layers.append(Layer(f"single{i}", kept, t * d * a, False, t * d * a, transient, big,
+                            _single_parameters(spec), attention_map=amap))
+    # the final layer: norm_final's input (the image tokens) and the modulated norm; around the model, ComfyUI's
+    # calc_cond_batch keeps two latent-sized fp32 tensors (the area mask it multiplies by, the count it divides by)
+    out = spec.patch_size ** 2 * spec.out_channels
+    latent = 2 * height * width * spec.in_channels * 4
+    layers.append(Layer("final", n * d * a + 8 * n + (n * d * a if vector_grad else 0.0) + latent, n * out * a, False,
+                        n * d * a, a * n * (2 * d + out), n * d * a, d * 2 * d + 2 * d + d * out + out))
+    return layers
+
+
+def _mlp_embedder(i: int, d: int) -> int:
+    return i * d + d + d * d + d
+
+
+def _embed_parameters(spec: TransformerSpec) -> int:
+    """The patch, time, pooled-vector, guidance and context embedders."""
+    d, p = spec.hidden, spec.patch_size
+    params = spec.in_channels * p * p * d + d + _mlp_embedder(256, d) + spec.context_in * d + d
+    params += _mlp_embedder(spec.vector_in, d) if spec.vector_in else 0
+    return params + (_mlp_embedder(256, d) if spec.guidance_embed else 0)
+
+
+def _attention_parameters(spec: TransformerSpec, proj: bool = True) -> int:
+    d = spec.hidden
+    return (d * 3 * d + (3 * d if spec.qkv_bias else 0) + (d * d + d if proj else 0)
+            + (2 * (d // spec.heads) if spec.qk_norm else 0))
+
+
+def _block_parameters(spec: TransformerSpec, i: int) -> int:
+    """A joint (MMDiT: context and x DismantledBlocks; the last context block attends only) or double-stream block."""
+    d, m = spec.hidden, spec.mlp
+    mlp = d * m + m + m * d + d
+    if spec.kind == "flux":
+        return 2 * (d * 6 * d + 6 * d + _attention_parameters(spec) + mlp)
+    pre_only = i == spec.depth - 1
+    context = (_attention_parameters(spec, proj=not pre_only) + (0 if pre_only else mlp)
+               + (d * 2 * d + 2 * d if pre_only else d * 6 * d + 6 * d))
+    self_attn = i in spec.x_self_attn_layers
+    x = _attention_parameters(spec) + mlp + (_attention_parameters(spec) + d * 9 * d + 9 * d if self_attn
+                                             else d * 6 * d + 6 * d)
+    return context + x
+
+
+def _single_parameters(spec: TransformerSpec) -> int:
+    d, m = spec.hidden, spec.mlp
+    return d * (3 * d + m) + 3 * d + m + (d + m) * d + d + 2 * (d // spec.heads) + d * 3 * d + 3 * d
+
+
+def transformer_parameters(spec: TransformerSpec) -> int:
+    """The transformer's parameter count from its config (a check that transformer_layers walks the real model)."""
+    return sum(layer.params for layer in transformer_layers(spec, 2, 2, 1, 1))
+
+
+def transformer_checkpointed_kept(layers: list[Layer], recompute: bool = True) -> float:
+    """What a training pass keeps with one checkpoint per block (SD 3.x's joint blocks): each block's inputs, the
+    final layer's own, and during backward one block recomputed at a time (`recompute`)."""
+    blocks = [layer for layer in layers if layer.name.startswith(("block", "single"))]
+    kept = sum(layer.input for layer in blocks) + layers[-1].kept + layers[0].kept
+    return kept + (max(layer.kept for layer in blocks) if recompute else 0.0)
+
+
+def t5_kept(enc: T5EncoderSpec, rows: int, act_bytes: int, attention: str) -> float:
+    """Bytes a T5 encoder keeps for backward for `rows` prompts (one forward each). Per block: each RMSNorm's input
+    and rsqrt, the normed input of the LoRA'd q/k/v, q, the scaled k, v and the attention's output and logsumexp
+    (or softmax map), o's input, the feed-forward's activations (gated: wi_0's output, its GELU, wi_1's output);
+    the relative position bias (computed once; the efficient kernels keep it as every block's mask); the final norm.
+    The first block's input carries no gradient (its norm keeps nothing, its q/k/v keep their input only).
+
+    And the weights: ComfyUI's ops copy a weight that has a weight function (the host wraps them all) or another
+    dtype than the compute's, and each linear keeps its copy for the gradient of its input, so every forward holds
+    its own copy of every linear weight of the encoder (q/k/v/o: W + ΔW; `t5_lora_elements` says which those are)."""
+    t, d, heads = enc.tokens, enc.width, enc.heads
+    inner, a = enc.heads * enc.head_width, act_bytes
+    attn, _ = _attention(t, t, heads, inner, a, attention, False)
+    ff = (3 if enc.gated else 1) * t * enc.intermediate * a
+    block = 2 * (t * d * a + t * a) + t * d * a + attn + t * inner * a + ff
+    first = block - (t * d * a + t * a)
+    bias = heads * t * t * a if attention == "efficient" else 0.0  # SDPA keeps its mask; the others add it
+    activations = first + (enc.layers - 1) * block + bias + t * d * a + t * a
+    ff_weights = (3 if enc.gated else 2) * d * enc.intermediate
+    weights = enc.layers * (ff_weights + 4 * d * inner) - 3 * d * inner  # block 0's q/k/v need no weight
+    return rows * (activations + (weights + (2 * enc.layers + 1) * d) * a)  # (+ the norms' weights)
+
+
+def t5_lora_elements(enc: T5EncoderSpec) -> int:
+    """The elements of a T5's q/k/v/o weights (the host's LoRA targets), which t5_kept counts with its weights."""
+    return enc.layers * 4 * enc.width * enc.heads * enc.head_width
+
+
+def text_encoder_kept(enc: TextEncoderSpec | T5EncoderSpec, rows: int, act_bytes: int, attention: str) -> float:
     """Bytes a text encoder keeps for backward for `rows` prompts (every layer: the pooled output reads the last)."""
+    if isinstance(enc, T5EncoderSpec):
+        return t5_kept(enc, rows, act_bytes, attention)
     t, d, i = enc.tokens, enc.width, enc.intermediate
     act = 3 * i if enc.activation == "quick_gelu" else 2 * i  # fc1 out, (sigmoid out), activation out
     per_layer = t * act_bytes * (9 * d + act)
@@ -274,10 +517,12 @@ def checkpointed_kept(layers: list[Layer], recompute: bool = True) -> float:
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """Everything the estimate reads: the model's shape and precision (from the host), the run's settings."""
+    """Everything the estimate reads: the model's shape and precision (from the host), the run's settings. The
+    diffusion model is a U-Net (`unet`) or a transformer (`transformer`, with `unet` None); the unet_* sizes are
+    the diffusion model's either way."""
 
-    unet: UNetSpec
-    encoders: tuple[TextEncoderSpec, ...]
+    unet: UNetSpec | None
+    encoders: tuple[TextEncoderSpec | T5EncoderSpec, ...]
     latent: tuple[int, int, int]  # (C, h, w)
     sample_batch: int
     train_batch: int
@@ -295,11 +540,40 @@ class PlanInputs:
     lora_parameters: int = 0
     lora_target_elements: int = 0  # the LoRA'd weights, copied per forward as W + ΔW
     checkpointing: bool = False
-    context_tokens: int = 77
+    context_tokens: int = 77  # the text tokens the diffusion model attends to
     count_weights: bool = True  # False under ComfyUI's --lowvram / --novram, which stream the weights
+    transformer: TransformerSpec | None = None
+    vector_grad: bool = True  # a transformer's pooled vector carries a gradient (a CLIP encoder is trained)
+    inplace_residuals: bool = False  # Flux: the host saves copies of saved activations and cannot checkpoint
+    negative_with_grad: bool = True  # the negative prompt is encoded with gradient (not on Flux: no negative pass)
+
+    def __post_init__(self) -> None:
+        if (self.unet is None) == (self.transformer is None):
+            raise ValueError("PlanInputs needs a U-Net spec or a transformer spec (one of them)")
 
     def unet_batch(self, batch: int) -> int:
         return batch * (2 if self.guidance else 1)
+
+    @property
+    def model_label(self) -> str:
+        return "U-Net" if self.unet is not None else "transformer"
+
+    def layers(self) -> list[Layer]:
+        """The diffusion model's layers for this run's latent and text tokens."""
+        c, h, w = self.latent
+        if self.unet is not None:
+            return unet_layers(self.unet, h, w, self.context_tokens, self.act_bytes, self.attention,
+                               self.upcast_attention)
+        return transformer_layers(self.transformer, h, w, self.context_tokens, self.act_bytes, self.attention,
+                                  self.upcast_attention, self.vector_grad, self.inplace_residuals)
+
+    def kept(self, layers: list[Layer], recompute: bool = True) -> float:
+        """Bytes per sample the training pass keeps for backward (checkpointed or not)."""
+        if not self.checkpointing:
+            return saved_kept(layers)
+        if self.unet is not None:
+            return checkpointed_kept(layers, recompute)
+        return transformer_checkpointed_kept(layers, recompute)
 
 
 @dataclass
@@ -331,7 +605,7 @@ class MemoryPlan:
 
 def plan_memory(p: PlanInputs) -> MemoryPlan:
     c, h, w = p.latent
-    layers = unet_layers(p.unet, h, w, p.context_tokens, p.act_bytes, p.attention, p.upcast_attention)
+    layers = p.layers()
     weights = (p.unet_weight_bytes + p.clip_weight_bytes) if p.count_weights else 0
     trajectory = p.images_per_epoch * (p.steps + 1) * c * h * w * 4
     plan = MemoryPlan(p)
@@ -352,29 +626,32 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     # free the largest attention's scores and softmax are both whole (measured: SD 1.5 512² on the CPU, 2.24 GiB
     # above the weights where the maps alone are 2.15 GiB)
     maps = 2 * max(layer.attention_map for layer in layers)
-    plan.sampling = {"weights": weights, "U-Net working set": b_sample * peak, "attention maps": b_sample * maps,
+    plan.sampling = {"weights": weights, f"{p.model_label} working set": b_sample * peak, "attention maps": b_sample * maps,
                      "trajectories": trajectory}
 
     b_train = p.unet_batch(p.train_batch)
     largest = max(layer.largest for layer in layers)
-    if p.checkpointing:
-        kept = checkpointed_kept(layers)
-        cast_params = max(layer.params for layer in layers)  # one layer's weight copies at a time
-    else:
-        kept = saved_kept(layers)
-        cast_params = p.unet_parameters
+    kept = p.kept(layers)
+    # weight copies: one layer's at a time when checkpointed, else every layer's (kept by autograd)
+    cast_params = max(layer.params for layer in layers) if p.checkpointing else p.unet_parameters
     unet = b_train * (kept + 2 * largest)  # + the gradient buffers of the largest tensor's backward
-    rows = p.train_batch + 1  # the micro-batch's prompts (at most) and the negative prompt
+    rows = p.train_batch + int(p.negative_with_grad)  # the micro-batch's prompts (at most) and the negative prompt
     plan.training = {
         "weights": weights,
-        "U-Net activations": unet,
-        "U-Net weight copies": cast_params * p.act_bytes if p.weights_cast else 0.0,
+        f"{p.model_label} activations": unet,
+        f"{p.model_label} weight copies": cast_params * p.act_bytes if p.weights_cast else 0.0,
         "text encoders": sum(text_encoder_kept(e, rows, p.clip_act_bytes, p.attention) for e in p.encoders)
-        + p.lora_target_elements * p.clip_act_bytes,
+        + _lora_copies(p) * p.clip_act_bytes,
         "LoRA + AdamW": p.lora_parameters * 4 * 4,
         "trajectories": trajectory,
     }
     return plan
+
+
+def _lora_copies(p: PlanInputs) -> int:
+    """Elements of the LoRA'd weights' copies (W + ΔW) the plan adds once: T5's are in t5_kept (per prompt)."""
+    t5 = sum(t5_lora_elements(e) for e in p.encoders if isinstance(e, T5EncoderSpec))
+    return max(0, p.lora_target_elements - t5)
 
 
 class MemoryPlanError(ConfigError):
@@ -410,7 +687,7 @@ def check_fits(plan: MemoryPlan, available: float, device: str, *, batch_label: 
     if h * w > 16:
         q = dataclasses.replace(p, latent=(c, max(1, h * 3 // 4), max(1, w * 3 // 4)))
         options.append(f"{size_label} ×3/4: {_gib(plan_memory(q).peak - resident)}")
-    if not p.checkpointing:
+    if not p.checkpointing and not p.inplace_residuals:
         q = dataclasses.replace(p, checkpointing=True)
         options.append(f"{checkpointing_label} on: {_gib(plan_memory(q).peak - resident)}")
     where = "RAM" if cpu else "memory"
