@@ -122,8 +122,8 @@ def check_memory(host: ComfyHost, cfg: TrainConfig) -> None:
     reports free on the model's device; refuses, saying what to lower, when it cannot fit."""
     inputs = host.memory_inputs(cfg)
     if inputs is None:
-        log.warning("TexForce: no memory plan for this model (the plan counts U-Net layers; SD 3.x and Flux are "
-                    "transformers): an out-of-memory error is not caught before the first epoch.")
+        log.warning("TexForce: no memory plan for this model (the plan walks ComfyUI's U-Nets, SD 3.x's MMDiT and "
+                    "Flux): an out-of-memory error is not caught before the first epoch.")
         return
     plan = plan_memory(inputs)
     available, device = host.available_memory()

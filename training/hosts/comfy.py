@@ -335,7 +335,8 @@ class ComfyHost:
             context_tokens=_context_tokens(self.clip, unet is not None),
             # the pooled vector comes from the CLIP encoders (T5 gives none): trained, it carries a gradient
             vector_grad=any(enc != "t5xxl" for enc in self.encoders),
-            inplace_residuals=isinstance(base.diffusion_model, _INPLACE_RESIDUAL_MODELS))
+            inplace_residuals=isinstance(base.diffusion_model, _INPLACE_RESIDUAL_MODELS),
+            negative_with_grad=self.uses_negative_prompt)
 
     def available_memory(self) -> tuple[float, str]:
         """(bytes, device name): what ComfyUI reports free on the model's device, plus what the models it has
