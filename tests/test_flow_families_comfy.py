@@ -263,3 +263,38 @@ def test_flux_in_bf16_keeps_the_ratio_exactly_one_and_trains_t5(checkpoints):
     tr = loop.Trainer(host, brightness, PROMPTS, flow_config(lr=1e-3, train_batch_size=4,
                                                             gradient_accumulation_steps=1, clip_range=10.0))
     assert_ratio_one_and_update_raises_surrogate(host, tr)
+
+
+def test_the_encoders_weight_copies_are_recomputed_in_backward_not_kept(checkpoints, monkeypatch):
+    """ComfyUI's ops copy every wrapped weight per forward and a linear saves its copy (as W or Wᵀ) for backward:
+    with gradient, a T5-XXL forward would keep 19 GB. The host has autograd keep recipes instead: no tensor of a
+    weight's shape is saved, and the LoRA's gradient is bit for bit the one of keeping the copies."""
+    import contextlib
+
+    comfy_host = importlib.import_module(f"{pack.__name__}.training.hosts.comfy")
+    host = host_of(checkpoints, "sd3")
+    weights = {tuple(m.weight.shape) for m in host.clip.cond_stage_model.modules() if isinstance(m, torch.nn.Linear)}
+    weights |= {s[::-1] for s in weights}
+    kept_shapes: list[tuple[int, ...]] = []
+    original = comfy_host.WeightCopies._pack
+
+    def recording(self, t):
+        out = original(self, t)
+        if isinstance(out, torch.Tensor):
+            kept_shapes.append(tuple(out.shape))
+        return out
+
+    def lora_gradient() -> torch.Tensor:
+        for p in host.lora.parameters():
+            p.grad = None
+        with torch.inference_mode(False), host.training(), torch.enable_grad():
+            out = host.encode(["a red apple", "a blue car"])
+            (out["cross_attn"].square().mean() + out["pooled"].square().mean()).backward()
+        return torch.cat([p.grad.flatten() for p in host.lora.parameters()])
+
+    randomise_lora(host)
+    monkeypatch.setattr(comfy_host.WeightCopies, "_pack", recording)
+    recomputed = lora_gradient()
+    assert kept_shapes and not set(kept_shapes) & weights, set(kept_shapes) & weights
+    monkeypatch.setattr(host.weight_copies, "recomputed", contextlib.nullcontext)  # the copies kept, as before
+    assert recomputed.abs().sum() > 0 and torch.equal(recomputed, lora_gradient())

@@ -43,7 +43,7 @@ def sd15_plan(**kw) -> "mp.MemoryPlan":
     base = dict(unet=mp.UNetSpec.from_config(SD15), encoders=(CLIP_L,), latent=(4, 64, 64), sample_batch=4,
                 train_batch=4, guidance=True, images_per_epoch=32, steps=50, act_bytes=2,
                 unet_weight_bytes=2 * 859_520_964, unet_parameters=859_520_964, clip_weight_bytes=246_000_000,
-                attention="efficient", lora_parameters=1_179_648, lora_target_elements=12 * 4 * 768 * 768)
+                attention="efficient", lora_parameters=1_179_648)
     return mp.plan_memory(mp.PlanInputs(**{**base, **kw}))
 
 

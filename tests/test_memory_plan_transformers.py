@@ -70,7 +70,9 @@ def efficient(monkeypatch):
 def recording_saved(seen: dict[int, int], exclude: set[int]):
     """Records the storage of every tensor autograd saves (by pointer: distinct storages once), `exclude` aside.
     Under the host's copies of saved activations (Flux), what its hook returns, i.e. the copies, is recorded."""
-    def record(t: torch.Tensor) -> torch.Tensor:
+    def record(t):
+        if not isinstance(t, torch.Tensor):  # the host's recipe for a weight copy (WeightCopies): nothing kept
+            return t
         storage = t.untyped_storage()
         if storage.data_ptr() not in exclude:
             seen[storage.data_ptr()] = storage.nbytes()
@@ -167,12 +169,11 @@ def test_the_t5_estimate_matches_what_an_encode_keeps(checkpoints, monkeypatch, 
     assert estimate == pytest.approx(sum(seen.values()), rel=0.15), (estimate / MiB, sum(seen.values()) / MiB)
 
 
-def test_a_t5_xxl_lora_costs_what_its_weight_copies_and_activations_do():
-    """Every forward keeps fp32 copies of T5-XXL's linear weights (ComfyUI's ops copy wrapped weights; each linear
-    keeps its copy for backward): about 18 GiB a prompt at Flux's 256 tokens, 1.5 GiB of it activations; the
-    plan's LoRA-copy term does not count T5's q/k/v/o twice."""
+def test_a_t5_xxl_lora_costs_its_activations_not_its_weight_copies():
+    """ComfyUI's ops copy every wrapped T5-XXL weight per forward (fp32: 19 GB) and each linear would keep its copy
+    for backward; the host keeps recipes instead, so a prompt at Flux's 256 tokens costs its activations: ~1.5 GiB."""
     per_prompt = mp.t5_kept(T5_XXL, 1, 4, "efficient")
-    assert 17 * mp.GIB < per_prompt < 20 * mp.GIB
+    assert 1 * mp.GIB < per_prompt < 2 * mp.GIB
     assert mp.t5_kept(T5_XXL, 3, 4, "efficient") == pytest.approx(3 * per_prompt)
     longer = mp.t5_kept(mp.T5EncoderSpec(**{**T5_XXL.__dict__, "tokens": 512}), 1, 4, "efficient")
     assert 1.2 * mp.GIB < longer - per_prompt < 2.5 * mp.GIB  # the activations and the bias grow with the tokens
@@ -180,7 +181,7 @@ def test_a_t5_xxl_lora_costs_what_its_weight_copies_and_activations_do():
     inputs = mp.PlanInputs(unet=None, transformer=spec, encoders=(T5_XXL,), latent=(16, 128, 128), sample_batch=1,
                            train_batch=1, guidance=False, images_per_epoch=4, steps=20, act_bytes=2,
                            unet_weight_bytes=0, unet_parameters=0, clip_weight_bytes=0, clip_act_bytes=4, context_tokens=256,
-                           lora_target_elements=mp.t5_lora_elements(T5_XXL), inplace_residuals=True)
+                           inplace_residuals=True)
     assert mp.plan_memory(inputs).training["text encoders"] == pytest.approx(2 * per_prompt)
     # Flux has no negative pass: its negative prompt is encoded without gradient and keeps nothing
     flux = dataclasses.replace(inputs, negative_with_grad=False)
@@ -245,23 +246,22 @@ def test_train_refuses_a_flux_run_that_cannot_fit_and_says_what_to_lower(checkpo
 def test_a_flux_dev_plan_at_1024_and_what_a_t5_lora_adds():
     """Flux dev in bf16 at 1024², batch 1, CLIP-L LoRA: without checkpointing (the host cannot checkpoint Flux) its
     57 blocks over 4096 image + 256 text tokens keep about 20 GiB, which with the weights fits an 80 GiB card and
-    not a 48 GiB one; a T5 LoRA adds about 18 GiB for the prompt (the negative, without gradient, keeps nothing)."""
+    not a 48 GiB one; a T5 LoRA adds about 1.5 GiB for the prompt (the negative, without gradient, keeps nothing)."""
     spec = mp.TransformerSpec.from_config(FLUX_DEV)
     clip_l = mp.TextEncoderSpec(width=768, layers=12, heads=12, intermediate=3072)
     base = dict(unet=None, transformer=spec, latent=(16, 128, 128), sample_batch=1, train_batch=1, guidance=False,
                 images_per_epoch=8, steps=20, act_bytes=2, unet_weight_bytes=2 * 11_901_408_320,
                 unet_parameters=11_901_408_320, clip_weight_bytes=2 * 4_900_000_000, clip_act_bytes=4, context_tokens=256,
                 lora_parameters=1_179_648, inplace_residuals=True)
-    clip_only = mp.plan_memory(mp.PlanInputs(encoders=(clip_l,), lora_target_elements=48 * 768 * 768, **base))
+    clip_only = mp.plan_memory(mp.PlanInputs(encoders=(clip_l,), **base))
     activations = clip_only.training["transformer activations"]
     assert 15 * mp.GIB < activations < 25 * mp.GIB, clip_only.describe()
     mp.check_fits(clip_only, 80 * mp.GIB, "cuda:0")
     with pytest.raises(mp.MemoryPlanError):
         mp.check_fits(clip_only, 48 * mp.GIB, "cuda:0")
-    with_t5 = mp.plan_memory(mp.PlanInputs(encoders=(clip_l, T5_XXL), lora_target_elements=mp.t5_lora_elements(
-        T5_XXL), negative_with_grad=False, **base))
-    assert 17 * mp.GIB < with_t5.training["text encoders"] < 20 * mp.GIB
-    assert with_t5.training_peak > clip_only.training_peak + 17 * mp.GIB
+    with_t5 = mp.plan_memory(mp.PlanInputs(encoders=(clip_l, T5_XXL), negative_with_grad=False, **base))
+    assert 1 * mp.GIB < with_t5.training["text encoders"] < 2.5 * mp.GIB
+    assert with_t5.training_peak > clip_only.training_peak + 1 * mp.GIB
     mp.check_fits(with_t5, 80 * mp.GIB, "cuda:0")
     with pytest.raises(mp.MemoryPlanError, match="cuda:0 memory"):
-        mp.check_fits(with_t5, 64 * mp.GIB, "cuda:0")
+        mp.check_fits(with_t5, 48 * mp.GIB, "cuda:0")

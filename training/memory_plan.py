@@ -8,8 +8,8 @@ GEGLU feed-forwards, Down/Upsample, skip concatenations), given its config (Comf
   working set of the largest layer. Classifier-free guidance sends cond and uncond through as one batch, 2×.
 - a training micro-batch: forward + backward through the U-Net to reach the conditioning (2× batch with
   guidance), the text encoders' activations (encoded once per optimizer step; with the step's samples in prompt
-  order only the current micro-batch's prompts and the negative prompt hold theirs: update.py StepEncoder), the
-  LoRA'd weight copies, LoRA + AdamW state. Without gradient checkpointing every tensor that autograd saves for
+  order only the current micro-batch's prompts and the negative prompt hold theirs: update.py StepEncoder; not
+  their weight copies, which the host has recomputed in backward), LoRA + AdamW state. Without gradient checkpointing every tensor that autograd saves for
   backward is counted; with it (one checkpoint per U-Net layer, training/hosts/comfy.py) only each layer's input,
   plus one layer recomputed during backward.
 - both: the epoch's stored trajectories (images_per_epoch × (steps+1) fp32 latents, kept on the device).
@@ -470,9 +470,9 @@ def t5_kept(enc: T5EncoderSpec, rows: int, act_bytes: int, attention: str) -> fl
     the relative position bias (computed once; the efficient kernels keep it as every block's mask); the final norm.
     The first block's input carries no gradient (its norm keeps nothing, its q/k/v keep their input only).
 
-    And the weights: ComfyUI's ops copy a weight that has a weight function (the host wraps them all) or another
-    dtype than the compute's, and each linear keeps its copy for the gradient of its input, so every forward holds
-    its own copy of every linear weight of the encoder (q/k/v/o: W + ΔW; `t5_lora_elements` says which those are)."""
+    Not the linear weights: ComfyUI's ops copy every wrapped weight per forward and each linear saves its copy for
+    the gradient of its input, but the host has autograd keep a recipe instead (hosts/comfy.py WeightCopies: 19 GB
+    a prompt for T5-XXL in fp32); the RMSNorms' weight copies are kept."""
     t, d, heads = enc.tokens, enc.width, enc.heads
     inner, a = enc.heads * enc.head_width, act_bytes
     attn, _ = _attention(t, t, heads, inner, a, attention, False)
@@ -481,14 +481,7 @@ def t5_kept(enc: T5EncoderSpec, rows: int, act_bytes: int, attention: str) -> fl
     first = block - (t * d * a + t * a)
     bias = heads * t * t * a if attention == "efficient" else 0.0  # SDPA keeps its mask; the others add it
     activations = first + (enc.layers - 1) * block + bias + t * d * a + t * a
-    ff_weights = (3 if enc.gated else 2) * d * enc.intermediate
-    weights = enc.layers * (ff_weights + 4 * d * inner) - 3 * d * inner  # block 0's q/k/v need no weight
-    return rows * (activations + (weights + (2 * enc.layers + 1) * d) * a)  # (+ the norms' weights)
-
-
-def t5_lora_elements(enc: T5EncoderSpec) -> int:
-    """The elements of a T5's q/k/v/o weights (the host's LoRA targets), which t5_kept counts with its weights."""
-    return enc.layers * 4 * enc.width * enc.heads * enc.head_width
+    return rows * (activations + (2 * enc.layers + 1) * d * a)  # + the norms' weights
 
 
 def text_encoder_kept(enc: TextEncoderSpec | T5EncoderSpec, rows: int, act_bytes: int, attention: str) -> float:
@@ -538,7 +531,6 @@ class PlanInputs:
     upcast_attention: bool = False
     weights_cast: bool = False  # weights stored in another dtype than computed (ComfyUI manual cast): per-op copies
     lora_parameters: int = 0
-    lora_target_elements: int = 0  # the LoRA'd weights, copied per forward as W + ΔW
     checkpointing: bool = False
     context_tokens: int = 77  # the text tokens the diffusion model attends to
     count_weights: bool = True  # False under ComfyUI's --lowvram / --novram, which stream the weights
@@ -640,18 +632,11 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
         "weights": weights,
         f"{p.model_label} activations": unet,
         f"{p.model_label} weight copies": cast_params * p.act_bytes if p.weights_cast else 0.0,
-        "text encoders": sum(text_encoder_kept(e, rows, p.clip_act_bytes, p.attention) for e in p.encoders)
-        + _lora_copies(p) * p.clip_act_bytes,
+        "text encoders": sum(text_encoder_kept(e, rows, p.clip_act_bytes, p.attention) for e in p.encoders),
         "LoRA + AdamW": p.lora_parameters * 4 * 4,
         "trajectories": trajectory,
     }
     return plan
-
-
-def _lora_copies(p: PlanInputs) -> int:
-    """Elements of the LoRA'd weights' copies (W + ΔW) the plan adds once: T5's are in t5_kept (per prompt)."""
-    t5 = sum(t5_lora_elements(e) for e in p.encoders if isinstance(e, T5EncoderSpec))
-    return max(0, p.lora_target_elements - t5)
 
 
 class MemoryPlanError(ConfigError):

@@ -55,11 +55,71 @@ log = logging.getLogger(__name__)
 EFFICIENT_ATTENTION = ("attention_pytorch", "attention_xformers", "attention_flash", "attention_sage")
 
 
-def _detached(w: torch.Tensor) -> torch.Tensor:
-    return w.detach()
+class WeightCopies:
+    """The text encoders' per-forward weight copies, which autograd need not keep.
+
+    ComfyUI's ops copy a weight that has a weight function (every CLIP weight here: detached, or W + ΔW) or that is
+    stored in another dtype than it computes in, and a linear layer saves the weight it used for its backward: an
+    encoder forward with gradient would keep a copy of all its weights (T5-XXL: 19 GB in fp32, per prompt). Inside
+    `recomputed()`, autograd keeps instead a recipe for each copy a wrapper handed out, and backward casts the
+    stored weight again (and adds the LoRA's current ΔW, which does not change before the step): the same values,
+    one layer's copy alive at a time."""
+
+    def __init__(self):
+        self._made: dict[int, tuple[weakref.ref, object]] = {}  # storage address -> (the copy, its recipe)
+        self._active = False
+
+    def made(self, out: torch.Tensor, recipe) -> torch.Tensor:
+        """Note that `out` can be made again by `recipe()` (only inside `recomputed()`)."""
+        if self._active:
+            self._made[out.untyped_storage().data_ptr()] = (weakref.ref(out), recipe)
+        return out
+
+    def _pack(self, t: torch.Tensor):
+        """A recipe for `t` when it is a copy a wrapper made or a view of one (a linear saves W's transpose)."""
+        hit = self._made.get(t.untyped_storage().data_ptr())
+        out = hit[0]() if hit is not None else None
+        if out is None:  # not a copy (a copy alive keeps its storage, so the address is its own)
+            return t
+        recipe = hit[1]
+        if t is out:
+            return recipe
+        size, stride, offset = t.size(), t.stride(), t.storage_offset() - out.storage_offset()
+        return lambda: recipe().as_strided(size, stride, offset)
+
+    @staticmethod
+    def _unpack(x):
+        return x if isinstance(x, torch.Tensor) else x()
+
+    @contextlib.contextmanager
+    def recomputed(self) -> Iterator[None]:
+        self._active = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._active = False
+            self._made.clear()
 
 
-def _wrap_all(patcher: comfy.model_patcher.ModelPatcher, skip: set[str] = frozenset()) -> None:
+def _cast_like(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The stored weight as ComfyUI's ops hand it to weight functions: on the device, in the compute dtype."""
+    w = stored.to(device=like.device, dtype=like.dtype)
+    return w.dequantize() if hasattr(w, "dequantize") and type(w) is not torch.Tensor else w
+
+
+class _FrozenWeight:
+    """Identity wrapper returning the weight detached, so that the frozen model is usable in autograd."""
+
+    def __init__(self, module: torch.nn.Module, name: str, copies: WeightCopies):
+        self.module, self.name, self.copies = module, name, copies
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        stored = getattr(self.module, self.name)
+        return self.copies.made(w.detach(), lambda: _cast_like(stored, w).detach())
+
+
+def _wrap_all(patcher: comfy.model_patcher.ModelPatcher, copies: WeightCopies, skip: set[str] = frozenset()) -> None:
     """Identity (detach) wrappers on every comfy-op weight and bias, so the frozen model is usable in autograd."""
     for name, module in patcher.model.named_modules():
         if not hasattr(module, "weight_function"):
@@ -67,7 +127,7 @@ def _wrap_all(patcher: comfy.model_patcher.ModelPatcher, skip: set[str] = frozen
         for param in ("weight", "bias"):
             key = f"{name}.{param}"
             if getattr(module, param, None) is not None and key not in skip:
-                patcher.add_weight_wrapper(key, _detached)
+                patcher.add_weight_wrapper(key, _FrozenWeight(module, param, copies))
 
 
 def _alias_parameters(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
@@ -176,20 +236,33 @@ class _LoraWrapper:
     stored weight, W/scale, and multiplies by scale afterwards, so ΔW/scale is added: the layer computes W + ΔW,
     what ComfyUI's LoRA patching (and every other loader) gives for the file the run writes."""
 
-    def __init__(self, lora: TrainableLora, index: int, scale: torch.Tensor | None = None):
+    def __init__(self, lora: TrainableLora, index: int, scale: torch.Tensor | None = None,
+                 module: torch.nn.Module | None = None, copies: WeightCopies | None = None):
         self.lora, self.index = lora, index
         self.scale = None if scale is None else float(scale)  # one number per layer (a float: no inference tensor)
+        self.module, self.copies = module, copies
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         w = w.detach()
         if not self.lora.enabled:
             return w
+        out = self._apply(w)
+        if self.copies is not None:
+            stored = self.module.weight
+            self.copies.made(out, lambda: self._recompute(stored, w))
+        return out
+
+    def _apply(self, w: torch.Tensor) -> torch.Tensor:
         # ΔW and the sum in fp32, rounded once to the weight's dtype: in bf16/fp16 a product of two half-precision
         # factors, then a half-precision add, would lose an early, small ΔW twice over
         delta = self.lora.delta(self.index, torch.float32, w.device)
         if self.scale is not None:
             delta = delta / self.scale
         return w + delta if w.dtype == torch.float32 else (w.float() + delta).to(w.dtype)
+
+    def _recompute(self, stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._apply(_cast_like(stored, like))
 
 
 class ComfyHost:
@@ -234,11 +307,13 @@ class ComfyHost:
             self.lora = TrainableLora(shapes, rank=rank, alpha=alpha, seed=seed, device=self.clip.patcher.load_device)
         self.lora.family = self.family
         modules = dict(self.clip.cond_stage_model.named_modules())
+        self.weight_copies = WeightCopies()
         for index, slot_key in enumerate(self.lora.keys):
             key = by_slot[slot_key]
-            scale = getattr(modules[key[:-len(".weight")]], "scale_weight", None)
-            self.clip.patcher.add_weight_wrapper(key, _LoraWrapper(self.lora, index, scale))
-        _wrap_all(self.clip.patcher, skip=set(by_slot.values()))
+            module = modules[key[:-len(".weight")]]
+            self.clip.patcher.add_weight_wrapper(key, _LoraWrapper(self.lora, index, getattr(module, "scale_weight", None),
+                                                                   module, self.weight_copies))
+        _wrap_all(self.clip.patcher, self.weight_copies, skip=set(by_slot.values()))
         self._context_dim = _context_dim(model)
         self._context_checked = False
 
@@ -330,7 +405,6 @@ class ComfyHost:
             upcast_attention=precision == torch.float32 and compute != torch.float32,
             weights_cast=compute != weight_dtype,
             lora_parameters=sum(p.numel() for p in self.lora.parameters()),
-            lora_target_elements=sum(up.shape[0] * down.shape[1] for up, down in zip(self.lora.up, self.lora.down)),
             checkpointing=self.gradient_checkpointing, count_weights=not low_vram,
             context_tokens=_context_tokens(self.clip, unet is not None),
             # the pooled vector comes from the CLIP encoders (T5 gives none): trained, it carries a gradient
@@ -387,7 +461,10 @@ class ComfyHost:
             self.lora.enabled = before
 
     def encode(self, prompts: list[str]) -> Cond:
-        out = encode_batch(self.clip, prompts)
+        # with gradient, autograd keeps recipes for the encoders' weight copies, not the copies (WeightCopies)
+        keep_recipes = self._training and torch.is_grad_enabled()
+        with self.weight_copies.recomputed() if keep_recipes else contextlib.nullcontext():
+            out = encode_batch(self.clip, prompts)
         if not self._context_checked:
             self._check_context(out["cross_attn"].shape[-1])
         return out
