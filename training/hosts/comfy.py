@@ -4,7 +4,7 @@ What makes gradients flow inside ComfyUI (DESIGN.md §5), all on clones so the u
 - every node runs under inference mode, so the frozen weights are inference tensors that autograd cannot
   save: during the training pass the U-Net's parameters are swapped for frozen aliases of the same storage
   (no copy; restored afterwards), and the CLIP's comfy-op weights get weight wrappers returning detached
-  copies (the CLIP is small; its LoRA'd layers need wrappers anyway);
+  copies, which autograd keeps as recipes, not copies (`WeightCopies`: T5-XXL's are 19 GB a forward);
 - the LoRA itself is a weight wrapper on q/k/v/out of every CLIP layer (q/k/v/o of every T5 block on SD 3.x and
   Flux): W + (α/r)·B·A;
 - `CLIPLayer.forward` and T5's attention and feed-forward layers add residuals in place, which breaks backward:
