@@ -24,6 +24,7 @@ ComfyHost = importlib.import_module(f"{pack.__name__}.training.hosts.comfy").Com
 loop = importlib.import_module(f"{pack.__name__}.training.loop")
 sampling = importlib.import_module(f"{pack.__name__}.training.sampling")
 FAMILIES = ["sd3", "flux"]
+MiB = 2 ** 20
 
 
 @pytest.fixture(scope="module")
@@ -292,9 +293,28 @@ def test_the_encoders_weight_copies_are_recomputed_in_backward_not_kept(checkpoi
             (out["cross_attn"].square().mean() + out["pooled"].square().mean()).backward()
         return torch.cat([p.grad.flatten() for p in host.lora.parameters()])
 
+    def kept_after_forward() -> int:
+        """Bytes a forward with gradient leaves allocated (what its graph holds, and the output)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode(False), host.training(), torch.enable_grad():
+            host.encode(["warm up"])
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = host.encode(["a red apple"])
+            kept = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage)
+            del out
+        return kept
+
     randomise_lora(host)
     monkeypatch.setattr(comfy_host.WeightCopies, "_pack", recording)
-    recomputed = lora_gradient()
+    recomputed, kept = lora_gradient(), kept_after_forward()
     assert kept_shapes and not set(kept_shapes) & weights, set(kept_shapes) & weights
     monkeypatch.setattr(host.weight_copies, "recomputed", contextlib.nullcontext)  # the copies kept, as before
     assert recomputed.abs().sum() > 0 and torch.equal(recomputed, lora_gradient())
+    # the memory is released too (a recipe holding the copy would keep it): at least the T5 weights' bytes the
+    # linears of blocks after the first saved (block 0's q/k/v input carries no gradient: no weight saved there)
+    t5 = host.clip.cond_stage_model.t5xxl.transformer.encoder.block
+    saved_weights = sum(m.weight.numel() * 4 for i, b in enumerate(t5) for name, m in b.named_modules()
+                        if isinstance(m, torch.nn.Linear) and not (i == 0 and name[-1] in "qkv"))
+    copies_kept = kept_after_forward()
+    assert copies_kept - kept > 0.9 * saved_weights, (copies_kept / MiB, kept / MiB, saved_weights / MiB)

@@ -102,9 +102,9 @@ class WeightCopies:
             self._made.clear()
 
 
-def _cast_like(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _cast(stored: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The stored weight as ComfyUI's ops hand it to weight functions: on the device, in the compute dtype."""
-    w = stored.to(device=like.device, dtype=like.dtype)
+    w = stored.to(device=device, dtype=dtype)
     return w.dequantize() if hasattr(w, "dequantize") and type(w) is not torch.Tensor else w
 
 
@@ -115,8 +115,9 @@ class _FrozenWeight:
         self.module, self.name, self.copies = module, name, copies
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        stored = getattr(self.module, self.name)
-        return self.copies.made(w.detach(), lambda: _cast_like(stored, w).detach())
+        # the recipe holds no tensor (holding `w` would keep the copy): it reads the module's weight when called
+        module, name, device, dtype = self.module, self.name, w.device, w.dtype
+        return self.copies.made(w.detach(), lambda: _cast(getattr(module, name), device, dtype).detach())
 
 
 def _wrap_all(patcher: comfy.model_patcher.ModelPatcher, copies: WeightCopies, skip: set[str] = frozenset()) -> None:
@@ -247,9 +248,9 @@ class _LoraWrapper:
         if not self.lora.enabled:
             return w
         out = self._apply(w)
-        if self.copies is not None:
-            stored = self.module.weight
-            self.copies.made(out, lambda: self._recompute(stored, w))
+        if self.copies is not None:  # a recipe holding no tensor (see _FrozenWeight)
+            device, dtype = w.device, w.dtype
+            self.copies.made(out, lambda: self._recompute(device, dtype))
         return out
 
     def _apply(self, w: torch.Tensor) -> torch.Tensor:
@@ -260,9 +261,9 @@ class _LoraWrapper:
             delta = delta / self.scale
         return w + delta if w.dtype == torch.float32 else (w.float() + delta).to(w.dtype)
 
-    def _recompute(self, stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _recompute(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         with torch.no_grad():
-            return self._apply(_cast_like(stored, like))
+            return self._apply(_cast(self.module.weight, device, dtype))
 
 
 class ComfyHost:
