@@ -172,8 +172,8 @@ class TexForceTrain(io.ComfyNode):
                                      "images_per_epoch must be a multiple of it."),
                 io.Int.Input("width", default=0, min=0, max=4096, step=8,
                              tooltip="Sample width in pixels. 0 = auto: the model family's native size (512 for "
-                                     "SD 1.x and SD 2.x base, 768 for SD 2.x v-prediction, 1024 for SDXL). Time "
-                                     "per epoch grows with width × height."),
+                                     "SD 1.x and SD 2.x base, 768 for SD 2.x v-prediction, 1024 for SDXL, SD 3.x "
+                                     "and Flux). Time per epoch grows with width × height."),
                 io.Int.Input("height", default=0, min=0, max=4096, step=8,
                              tooltip="Sample height in pixels. 0 = auto, as for width."),
                 io.Int.Input("steps", default=50, min=1, max=1000,

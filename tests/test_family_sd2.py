@@ -95,10 +95,12 @@ def test_every_sampled_step_has_the_closed_form_gaussian_log_prob():
 
 @pytest.mark.parametrize("family,v_prediction,size", [
     ("sd1", False, 512), ("sd1", True, 512), ("sd2", True, 768), ("sd2", False, 512), ("sdxl", False, 1024),
+    ("sd3", False, 1024), ("flux", False, 1024),
 ])
 def test_auto_resolution_follows_the_family(family, v_prediction, size):
     with torch.inference_mode():
-        model = tiny_models.tiny_unet(family, 0, v_prediction=v_prediction)
+        model = (tiny_models.tiny_transformer(family, 0) if family in tiny_models.T5_WIDTHS else
+                 tiny_models.tiny_unet(family, 0, v_prediction=v_prediction))
     assert train_node.native_resolution(model) == size
 
 
@@ -109,6 +111,7 @@ def test_resolution_widgets_default_to_auto_and_say_what_auto_means():
         assert inputs[name].default == 0 and inputs[name].min == 0
     tip = inputs["width"].tooltip
     assert "0 = auto" in tip and all(s in tip for s in ("512 for SD 1.x", "768 for SD 2.x v-prediction",
-                                                        "1024 for SDXL"))
+                                                        "1024 for SDXL, SD 3.x and Flux"))
     enc = inputs["text_encoders"]
-    assert enc.options == ["all", "clip_l", "clip_g"] and enc.default == "all" and enc.optional
+    assert enc.options == ["all", "clip_l", "clip_g", "t5xxl", "clip_l+clip_g", "clip_l+t5xxl", "clip_g+t5xxl"]
+    assert enc.default == "all" and enc.optional
