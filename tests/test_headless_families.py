@@ -231,11 +231,16 @@ def test_same_decoded_images(family_hosts):
 
 
 def _gradients(hosts: list, family: str) -> list[dict[str, torch.Tensor | None]]:
-    """One surrogate backward on each host; the LoRA gradients by parameter name (None where none reached it)."""
     h, w = SIZE[family]
     cfg = config.make_config("texforce", num_steps=3, timestep_fraction=1.0, images_per_epoch=2, images_per_prompt=1,
                              sample_batch_size=2, train_batch_size=2, gradient_accumulation_steps=1, height=h,
                              width=w, epochs=1, lora_rank=4, lora_alpha=4.0)
+    return surrogate_gradients(hosts, cfg)
+
+
+def surrogate_gradients(hosts: list, cfg) -> list[dict[str, torch.Tensor | None]]:
+    """One surrogate backward through the same sampled chain (2 prompts, 3 steps) on each host; the LoRA gradients
+    by parameter name (None where none reached it)."""
     grads = []
     for host in hosts:
         tr = loop.Trainer(host, lambda im, p: im.mean(dim=(1, 2, 3)), PROMPTS[:2], cfg)

@@ -6,6 +6,7 @@ device), and the refusal is tested by faking a small free memory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 
@@ -78,6 +79,22 @@ def test_the_estimate_grows_with_batch_and_size_and_checkpointing_lowers_trainin
         base.training["U-Net activations"] / 2)
 
 
+@contextlib.contextmanager
+def training_pass(host, batch: int, pixels: int, time: float, guidance: float):
+    """Inside the host's training set-up: a call of the diffusion model on `batch` copies of one prompt (and the
+    negative) at latents of `pixels`² and model time `time`, with the conditioning requiring grad; the first call,
+    which loads the model and builds the conds, is made before the caller measures."""
+    with torch.inference_mode(False), host.training():
+        cond = {k: v.detach().requires_grad_(True) for k, v in host.encode(["a red apple"] * batch).items()}
+        uncond = {k: v.detach().requires_grad_(True) for k, v in host.encode([""]).items()}
+        uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in uncond.items()}
+        x = torch.randn(batch, *host.latent_shape(pixels, pixels))
+        t = torch.full((batch,), time)
+        with host.predictor(cond, uncond, guidance) as predict:
+            predict(x, t)
+            yield lambda: predict(x, t)
+
+
 def kept_for_backward(host, batch: int, pixels: int) -> tuple[float, float]:
     """(bytes autograd saved in one training U-Net pass through the host, the profiled peak of that forward +
     backward), on the CPU: distinct storages seen by saved_tensors_hooks, the U-Net's own weights excluded; the
@@ -93,18 +110,11 @@ def kept_for_backward(host, batch: int, pixels: int) -> tuple[float, float]:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.inference_mode(False), host.training():
-        cond = {k: v.detach().requires_grad_(True) for k, v in host.encode(["a red apple"] * batch).items()}
-        uncond = {k: v.detach().requires_grad_(True) for k, v in host.encode([""]).items()}
-        uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in uncond.items()}
-        x = torch.randn(batch, *host.latent_shape(pixels, pixels))
-        t = torch.full((batch,), 500)
-        with host.predictor(cond, uncond, 5.0) as predict:
-            predict(x, t)  # loads the model and builds the conds outside the measurement
-            with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-                predict(x, t)
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                predict(x, t).square().mean().backward()
+    with training_pass(host, batch, pixels, 500, 5.0) as predict:
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            predict()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            predict().square().mean().backward()
     live = peak = 0
     for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage

@@ -25,6 +25,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
 from conftest import pack, tiny_models
 from test_flow_training import small_config
+from test_memory_plan import training_pass
 
 mp = importlib.import_module(f"{pack.__name__}.training.memory_plan")
 comfy_host = importlib.import_module(f"{pack.__name__}.training.hosts.comfy")
@@ -95,16 +96,8 @@ def transformer_kept(host, batch: int, pixels: int) -> float:
     """Bytes autograd saved in one training pass of the diffusion model through the host (its weights excluded)."""
     weights = {p.untyped_storage().data_ptr() for p in host._model.model.parameters()}
     seen: dict[int, int] = {}
-    with torch.inference_mode(False), host.training():
-        cond = {k: v.detach().requires_grad_(True) for k, v in host.encode(["a red apple"] * batch).items()}
-        uncond = {k: v.detach().requires_grad_(True) for k, v in host.encode([""]).items()}
-        uncond = {k: v.expand(batch, *v.shape[1:]) for k, v in uncond.items()}
-        x = torch.randn(batch, *host.latent_shape(pixels, pixels))
-        t = torch.full((batch,), 0.5)
-        with host.predictor(cond, uncond, 4.0) as predict:
-            predict(x, t)  # loads the model and builds the conds outside the measurement
-            with recording_saved(seen, weights):
-                predict(x, t)
+    with training_pass(host, batch, pixels, 0.5, 4.0) as predict, recording_saved(seen, weights):
+        predict()
     return float(sum(seen.values()))
 
 
