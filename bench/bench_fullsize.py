@@ -79,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epoch", action="store_true", help="one Trainer epoch + bench_train's floors instead of rows")
     p.add_argument("--epoch-images", type=int, default=4)
     p.add_argument("--epoch-steps", type=int, default=10)
+    p.add_argument("--flops", action="store_true",
+                   help="count the FLOPs of bench_train's epoch at full size (meta device, seconds): how much of it "
+                        "is VAE decode and text encoder against the U-Net")
+    p.add_argument("--work-ratio", type=float, default=None,
+                   help="with --flops: bench_train's measured total / work floor, to project total / floor at full "
+                        "size")
     p.add_argument("--tiny", action="store_true", help="tiny U-Net/CLIP configs (tests' tiny models): a smoke test")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--timeout", type=float, default=None, help="seconds per row process (default: none)")
@@ -259,6 +266,7 @@ def setup(device: str, attention: str, verbose: bool = False) -> dict[str, Any]:
         comfy.ldm.modules.attention.optimized_attention = comfy.ldm.modules.attention.attention_pytorch
     mod = inprocess.pack_module
     return {"torch": torch, "mm": mm, "ComfyHost": mod("training.hosts.comfy").ComfyHost,
+            "comfy_host": mod("training.hosts.comfy"),
             "loop": mod("training.loop"), "config": mod("training.config"), "mp": mod("training.memory_plan"),
             "sampling": mod("training.sampling"),
             "attention": comfy.ldm.modules.attention.optimized_attention.__name__}
@@ -780,6 +788,118 @@ def main_epoch(args, device_name: str) -> dict[str, Any]:
     return {"epoch": results}
 
 
+# ----------------------------------------------------------------------------------------------
+# --flops: the work of bench_train's epoch at full size, counted on the meta device
+# ----------------------------------------------------------------------------------------------
+def count_flops(fn) -> int:
+    """FLOPs of everything fn runs (forward and any backward inside it), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def model_flops(env, model_key: str, tiny: bool, size: int) -> dict[str, int]:
+    """FLOPs of the units of an epoch's work on one model at size² (meta device: no memory, no time): a guided
+    U-Net call for one image (cond+uncond batched), a training step for one image (that call's forward and its
+    backward to the conditioning; weights need no gradient), one image's VAE decode, one prompt through the text
+    encoder(s) with its backward to the input embeddings (the LoRA's own products are negligible). Attention is
+    PyTorch's SDPA (the count needs no memory heuristics); every variant does the same products."""
+    import comfy.ldm.modules.diffusionmodules.model as vae_blocks
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    torch = env["torch"]
+    meta = torch.device("meta")
+    model, clip = build(env, model_key, "fp32", tiny, meta=True)
+    unet = model.model.diffusion_model
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    h = size // 8
+    x, t = torch.zeros(2, 4, h, h, device=meta), torch.zeros(2, device=meta)
+    unet_config = model.model.model_config.unet_config
+    adm = unet_config.get("adm_in_channels")
+    extra = {"y": torch.zeros(2, adm, device=meta)} if adm else {}
+    context = torch.zeros(2, 77, unet_config["context_dim"], device=meta)
+    with torch.no_grad():
+        call = count_flops(lambda: unet(x, t, context=context, **extra))
+    leaf = context.clone().requires_grad_(True)
+    train = count_flops(lambda: unet(x, t, context=leaf, **extra).sum().backward())
+
+    with meta:
+        vae = AutoencoderKL(ddconfig=dict(_tiny_models().TINY_VAE if tiny else SD_VAE), embed_dim=4)
+    for m in vae.modules():
+        if hasattr(m, "optimized_attention"):
+            m.optimized_attention = vae_blocks.pytorch_attention
+    with torch.no_grad():
+        decode = count_flops(lambda: vae.decode(torch.zeros(1, 4, h, h, device=meta)))
+
+    encoders = [getattr(clip.cond_stage_model, name) for name in ("clip_l", "clip_g")
+                if hasattr(clip.cond_stage_model, name)]
+
+    out_of_place = env["comfy_host"]._OUT_OF_PLACE  # the training pass's forwards (ComfyUI's CLIP adds in place)
+    for m in clip.cond_stage_model.modules():
+        for kind, forward in out_of_place.items():
+            if isinstance(m, kind):
+                m.forward = types.MethodType(forward, m)
+
+    def encode():
+        for enc in encoders:
+            emb = enc.transformer.get_input_embeddings()
+            emb.weight.requires_grad_(True)
+            out = enc.transformer(torch.zeros(1, 77, dtype=torch.long, device=meta))[0]
+            out.sum().backward()
+
+    return {"call": call, "train": train, "decode": decode, "encode": count_flops(encode)}
+
+
+def _tiny_models():
+    return _load("texforce_test_nodes", REPO / "tests" / "comfy_nodes" / "texforce_test_nodes",
+                 package=True).tiny_models
+
+
+def main_flops(args) -> dict[str, Any]:
+    """How much of bench_train.py's epoch (its CONFIG at each model's native size) is U-Net work, VAE decode and
+    text encoder: the lowest end-to-end ratio to the U-Net floors any trainer can reach is 1 + the other two's
+    shares; with --work-ratio (bench_train's measured total / work floor) the projected ratio at full size."""
+    env = setup("cpu", "pytorch", args.verbose)
+    bt = _load("texforce_bench_train", REPO / "bench" / "bench_train.py")
+    c = bt.CONFIG
+    images, steps = c["images_per_epoch"], c["num_steps"]
+    K = env["config"].train_timesteps(env["config"].make_config("texforce", **c))
+    per_step = c["train_batch_size"] * c["gradient_accumulation_steps"]
+    encodes = math.ceil(images / per_step) * (min(per_step, len(bt.PROMPTS)) + 1)  # distinct prompts + negative
+    print(f"TexForce epoch work by FLOPs (meta device): bench_train's config, {images} images, {steps} steps with "
+          f"CFG, K={K} trained timesteps, {encodes} prompt encodings (forward+backward) per epoch")
+    head = (f"{'model':14s} {'size':>5s} {'GFLOP call':>11s} {'train step':>11s} {'decode':>9s} {'encode':>8s} "
+            f"{'U-Net epoch':>12s} {'decode %':>9s} {'encode %':>9s} {'lowest total':>13s}"
+            + (f" {'projected':>10s}" if args.work_ratio else ""))
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for key in args.models:
+        size = model_size(key, args.tiny, args.size if not args.tiny else (args.size or c["height"]))
+        f = model_flops(env, key, args.tiny, size)
+        unet_epoch = images * (steps * f["call"] + K * f["train"])
+        dec, enc = images * f["decode"] / unet_epoch, encodes * f["encode"] / unet_epoch
+        row = {"model": key, "tiny": args.tiny, "size": size, **{k + "_flops": v for k, v in f.items()},
+               "decode_share": dec, "encode_share": enc, "lowest_total_ratio": 1 + dec + enc}
+        if args.work_ratio:
+            row["projected_total_ratio"] = args.work_ratio * (1 + dec + enc)
+        rows.append(row)
+        label = LABELS[key] + (" (tiny)" if args.tiny else "")
+        print(f"{label:14s} {size:5d} {f['call'] / 1e9:11.1f} {f['train'] / 1e9:11.1f} {f['decode'] / 1e9:9.1f} "
+              f"{f['encode'] / 1e9:8.1f} {unet_epoch / 1e12:10.1f} T {dec:9.1%} {enc:9.1%} {1 + dec + enc:12.3f}x"
+              + (f" {row['projected_total_ratio']:9.3f}x" if args.work_ratio else ""))
+    print("\nGFLOP per image: call = one guided U-Net call (cond+uncond), train step = its forward and backward to "
+          "the conditioning, decode = one VAE decode, encode = one prompt's text-encoder forward and backward. "
+          "lowest total = (U-Net + decode + encoder work) / U-Net work: bench_train's total / floor for a trainer "
+          "that adds nothing." + (" projected = --work-ratio × lowest total (an upper estimate: the tiny model's "
+                                  "per-call overheads are fixed costs that shrink against full-size calls)."
+                                  if args.work_ratio else ""))
+    return {"flops": rows}
+
+
 def main() -> int:
     args = parse_args()
     if args.worker:
@@ -790,7 +910,7 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("bench_fullsize: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    out = main_epoch(args, device) if args.epoch else main_rows(args, device)
+    out = main_flops(args) if args.flops else main_epoch(args, device) if args.epoch else main_rows(args, device)
     summary = {"bench": "texforce_fullsize", "device": device, "tiny": args.tiny, "batch": args.batch,
                "attention": args.attention, "torch": torch.__version__, **out}
     if args.json:

@@ -24,7 +24,14 @@ What it does, all in one process on the same model objects:
                       log-prob, the loss and the optimizer are NOT in the floor (the encoder's forward+backward
                       per optimizer step is reported separately);
      total floor    = the two floors' sum: the whole epoch (sampling with its VAE decode, the reward, training)
-                      against it is the end-to-end ratio;
+                      against it is the end-to-end ratio (issue 14's measure: the decode is in the epoch, not the
+                      floor);
+     decode floor   = the bare autoencoder's decode (`vae.first_stage_model.decode`) of the epoch's sampling
+                      batches, under no_grad;
+     work floor     = total floor + decode floor + the text encoder's forward+backward per optimizer step (through
+                      the host, LoRA included): the compute no trainer can skip. The epoch against it is what the
+                      trainer's own code adds. On the tiny model the decode and the encoder weigh far more against
+                      the U-Net than at full size; `bench/bench_fullsize.py --flops` counts their shares there;
 4. runs one more, instrumented, epoch that shows where sampling and training time goes (encode, predictor
    set-up, U-Net calls through ComfyUI's sampling_function, DDIM step, backward, decode, optimizer);
 5. prints the numbers, the ratios to the floors (targets: sampling ≤ 1.10×, training ≤ 1.25×, total ≤ 1.10×),
@@ -193,9 +200,10 @@ def unet_inputs(env, host, cfg, unet_device, b: int, seed: int):
 class Floors:
     """The compute floors of one epoch, measured on prepared inputs; each call of a measure_* method is one repeat."""
 
-    def __init__(self, env, host, cfg, clock, unet, twin, K: int):
+    def __init__(self, env, host, cfg, clock, unet, twin, K: int, autoencoder=None):
         torch = env["torch"]
         self.torch, self.cfg, self.clock, self.unet, self.twin, self.K = torch, cfg, clock, unet, twin, K
+        self.autoencoder = autoencoder  # the VAE's bare module (first_stage_model): the decode floor, when given
         self.split = not clock.cuda  # per-call forward/backward split (would add syncs on CUDA)
         self.sample_batches, self.micro = sampling_batches(cfg), training_microbatches(cfg)
         dev = next(unet.parameters()).device
@@ -208,12 +216,33 @@ class Floors:
                 out = twin(x, t, context=leaf)
                 grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(b)).to(out.device, out.dtype)
                 self.train_inputs[b] = (x, t, leaf, grad)
+        shape = host.latent_shape(cfg.height, cfg.width)
+        ae = next(autoencoder.parameters()) if autoencoder is not None else None
+        self.latents = {b: torch.randn((b, *shape), generator=torch.Generator().manual_seed(200 + b)).to(
+            ae.device if ae is not None else dev, ae.dtype if ae is not None else None)
+            for b in set(self.sample_batches)}
         self.sampling: list[float] = []
         self.training: list[float] = []
+        self.decode: list[float] = []
         self.forward: list[float] = []  # per call, seconds (CPU only)
         self.backward: list[float] = []
         self.measure_sampling(keep=False)  # warm-up
         self.measure_training(keep=False)
+        if autoencoder is not None:
+            self.measure_decode(keep=False)
+
+    def measure_decode(self, keep: bool = True) -> float:
+        """The epoch's VAE decode on the bare autoencoder (what ComfyUI's VAE.decode runs, without its memory
+        bookkeeping, output moves and clamping): one call per sampling batch, under no_grad."""
+        torch = self.torch
+        with torch.inference_mode(False), torch.no_grad():
+            t0 = self.clock()
+            for b in self.sample_batches:
+                self.autoencoder.decode(self.latents[b])
+            dt = self.clock() - t0
+        if keep:
+            self.decode.append(dt)
+        return dt
 
     def measure_sampling(self, keep: bool = True) -> float:
         """images_per_epoch × num_steps guided evaluations: bare U-Net forwards on 2×batch under no_grad."""
@@ -450,38 +479,12 @@ def main() -> int:
     #    patcher is loaded first, so the module carries none of the host's weight wrappers.
     run_epoch(" (warm-up)")
     print()
-    mm.load_models_gpu([model])
+    mm.load_models_gpu([model, vae.patcher])
     unet = model.model.diffusion_model
     twin = non_inference_copy(env, unet)
-    floors = Floors(env, host, cfg, clock, unet, twin, K)
+    floors = Floors(env, host, cfg, clock, unet, twin, K, autoencoder=vae.first_stage_model)
 
-    # 2. measured epochs, each followed by `repeats` repeats of both floors (interleaved, so that a machine
-    #    that gets busier or quieter during the run moves epochs and floors alike)
-    epochs, pairs_s, pairs_t, pairs_total, wrapped = [], [], [], [], 0
-    for _ in range(args.epochs - 1):
-        e = run_epoch("")
-        mm.load_models_gpu([model])
-        wrapped = max(wrapped, wrapped_modules(unet))
-        fs = statistics.median(floors.measure_sampling() for _ in range(args.repeats))
-        ft = statistics.median(floors.measure_training() for _ in range(args.repeats))
-        print(f"   | floors: sampling {fs:.3f}s, training {ft:.3f}s")
-        epochs.append(e)
-        pairs_s.append((e["sampling"], e["decode"], fs))
-        pairs_t.append((e["training"], ft))
-        pairs_total.append((e["total"], fs + ft))
-
-    sampling = statistics.median(e["sampling"] for e in epochs)
-    training = statistics.median(e["training"] for e in epochs)
-    decode_s = statistics.median(e["decode"] for e in epochs)
-    f_sample, f_train = statistics.median(floors.sampling), statistics.median(floors.training)
-    r_sample = statistics.median(s / f for s, _, f in pairs_s)
-    r_sample_nodec = statistics.median((s - d) / f for s, d, f in pairs_s)
-    r_train = statistics.median(t / f for t, f in pairs_t)
-    total = statistics.median(e["total"] for e in epochs)
-    reward_s = statistics.median(e["reward"] for e in epochs)
-    r_total = statistics.median(t / f for t, f in pairs_total)
-
-    # Informational: the text encoder's cost per optimizer step (forward + backward to the LoRA), as the trainer
+    # The text encoder's cost per optimizer step (forward + backward to the LoRA, through the host), as the trainer
     # encodes them: the step's distinct prompts (at most this many) and the negative prompt.
     step_prompts = min(cfg.train_batch_size * cfg.gradient_accumulation_steps, len(PROMPTS))
 
@@ -499,6 +502,37 @@ def main() -> int:
     encoder_step()
     enc = statistics.median(encoder_step() for _ in range(5))
     enc_epoch = enc * (len(training_microbatches(cfg)) // cfg.gradient_accumulation_steps)  # × optimizer steps
+
+
+    # 2. measured epochs, each followed by `repeats` repeats of both floors (interleaved, so that a machine
+    #    that gets busier or quieter during the run moves epochs and floors alike)
+    epochs, pairs_s, pairs_t, pairs_total, pairs_work, wrapped = [], [], [], [], [], 0
+    for _ in range(args.epochs - 1):
+        e = run_epoch("")
+        mm.load_models_gpu([model, vae.patcher])
+        wrapped = max(wrapped, wrapped_modules(unet))
+        fs = statistics.median(floors.measure_sampling() for _ in range(args.repeats))
+        ft = statistics.median(floors.measure_training() for _ in range(args.repeats))
+        fd = statistics.median(floors.measure_decode() for _ in range(args.repeats))
+        print(f"   | floors: sampling {fs:.3f}s, training {ft:.3f}s, decode {fd:.3f}s")
+        epochs.append(e)
+        pairs_s.append((e["sampling"], e["decode"], fs))
+        pairs_t.append((e["training"], ft))
+        pairs_total.append((e["total"], fs + ft))
+        pairs_work.append((e["total"], fs + ft + fd + enc_epoch))
+
+    sampling = statistics.median(e["sampling"] for e in epochs)
+    training = statistics.median(e["training"] for e in epochs)
+    decode_s = statistics.median(e["decode"] for e in epochs)
+    f_sample, f_train = statistics.median(floors.sampling), statistics.median(floors.training)
+    r_sample = statistics.median(s / f for s, _, f in pairs_s)
+    r_sample_nodec = statistics.median((s - d) / f for s, d, f in pairs_s)
+    r_train = statistics.median(t / f for t, f in pairs_t)
+    total = statistics.median(e["total"] for e in epochs)
+    reward_s = statistics.median(e["reward"] for e in epochs)
+    r_total = statistics.median(t / f for t, f in pairs_total)
+    f_decode = statistics.median(floors.decode)
+    r_work = statistics.median(t / f for t, f in pairs_work)
 
     # 3. breakdown epoch
     del host.decode
@@ -559,11 +593,18 @@ def main() -> int:
     print(f"  total floor             {f_sample + f_train:8.3f} s   (sampling floor + training floor)")
     print(f"  total / floor           {r_total:8.3f} x   target <= {TARGET_TOTAL}: {verdict(r_total, TARGET_TOTAL)}  "
           f"(per epoch: {fmt([t / f for t, f in pairs_total])})")
+    print(f"  decode floor            {f_decode:8.3f} s   (the bare autoencoder's decode of the epoch's "
+          f"{len(floors.sample_batches)} batches; repeats: {fmt(floors.decode)})")
+    print(f"  work floor              {f_sample + f_train + f_decode + enc_epoch:8.3f} s   (U-Net floors + decode "
+          f"floor + text encoder: the compute an epoch cannot skip; decode {f_decode / (f_sample + f_train):.1%} and "
+          f"encoder {enc_epoch / (f_sample + f_train):.1%} of the U-Net floors on this tiny model)")
+    print(f"  total / work floor      {r_work:8.3f} x   what the trainer adds to the work  (per epoch: "
+          f"{fmt([t / f for t, f in pairs_work])}); at full size: bench/bench_fullsize.py --flops")
     print(f"  training / sampling     {training / sampling:8.3f} x")
     print(f"  peak memory             {', '.join(f'{k} {v}' for k, v in mem.items())}")
     if wrapped:
         print(f"  WARNING: {wrapped} U-Net modules carried weight wrappers during the sampling floor")
-    spread = max(max(floors.sampling) / min(floors.sampling), max(floors.training) / min(floors.training))
+    spread = max(max(xs) / min(xs) for xs in (floors.sampling, floors.training, floors.decode))
     if spread > 2 * MAX_FLOOR_SPREAD:
         print(f"  WARNING: floor repeats differ by up to {spread:.2f}x: something else was using the device heavily; "
               "these numbers are unreliable, run again on a quiet machine")
@@ -597,7 +638,8 @@ def main() -> int:
         "decode_s": round(decode_s, 4), "training_s": round(training, 4), "training_floor_s": round(f_train, 4),
         "training_ratio": round(r_train, 3), "reward_s": round(reward_s, 4), "total_s": round(total, 4),
         "total_floor_s": round(f_sample + f_train, 4), "total_ratio": round(r_total, 3),
-        "text_encoder_s": round(enc_epoch, 4),
+        "text_encoder_s": round(enc_epoch, 4), "decode_floor_s": round(f_decode, 4),
+        "work_floor_s": round(f_sample + f_train + f_decode + enc_epoch, 4), "work_ratio": round(r_work, 3),
         "targets": {"sampling": TARGET_SAMPLING, "training": TARGET_TRAINING, "total": TARGET_TOTAL},
         "met": {"sampling": r_sample <= TARGET_SAMPLING, "sampling_without_decode": r_sample_nodec <= TARGET_SAMPLING,
                 "training": r_train <= TARGET_TRAINING, "total": r_total <= TARGET_TOTAL},

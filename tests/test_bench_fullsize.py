@@ -36,3 +36,27 @@ def test_tiny_mode_measures_every_row_against_the_plan(tmp_path):
     off, on = rows[1], rows[2]
     assert on["plan"]["training"] < off["plan"]["training"]  # checkpointing lowers the plan's training peak
     assert off["grad_norm"] > 0 and on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-3)  # the same gradient
+
+
+def _flops(tmp_path, *extra):
+    out = tmp_path / "flops.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_fullsize.py"), "--flops", "--tiny", "--models", "sd15",
+         "--json", str(out), *extra], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())["flops"]
+
+
+def test_flops_mode_counts_the_epochs_work_and_its_shares(tmp_path):
+    """--flops counts on the meta device: the training step is the call's forward plus a backward of about the
+    same size, the decode's work grows with the pixels (4x for twice the side) while the encoder's does not, and
+    the lowest ratio is 1 + the decode's and the encoder's shares of the U-Net's epoch work."""
+    stdout, (small,) = _flops(tmp_path, "--size", "64", "--work-ratio", "1.05")
+    _, (big,) = _flops(tmp_path, "--size", "128")
+    assert "decode %" in stdout and "projected" in stdout
+    assert 1.5 * small["call_flops"] < small["train_flops"] < 3 * small["call_flops"]
+    assert big["decode_flops"] == pytest.approx(4 * small["decode_flops"], rel=0.02)
+    assert big["encode_flops"] == small["encode_flops"]
+    assert 0 < small["encode_share"] < small["decode_share"] < 1
+    assert small["lowest_total_ratio"] == pytest.approx(1 + small["decode_share"] + small["encode_share"])
+    assert small["projected_total_ratio"] == pytest.approx(1.05 * small["lowest_total_ratio"])
