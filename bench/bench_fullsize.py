@@ -759,11 +759,13 @@ def main_epoch(args, device_name: str) -> dict[str, Any]:
         del host.decode
         total = used + base if device.type == "cuda" else None  # CUDA: absolute max allocated
         # the floors on the same U-Net (bench_train.py): bare forwards / forward+backward without checkpointing
-        mm.load_models_gpu([model])
+        mm.load_models_gpu([model, vae.patcher])
         unet = CastInputs(model.model.diffusion_model)
         twin = CastInputs(bt.non_inference_copy({"torch": torch}, unet.unet))
-        floors = bt.Floors({"torch": torch}, host, cfg, bt.Clock(torch, device), unet, twin, K)
-        fs, ft = floors.measure_sampling(), floors.measure_training()
+        floors = bt.Floors({"torch": torch}, host, cfg, bt.Clock(torch, device), unet, twin, K,
+                           autoencoder=vae.first_stage_model)
+        fs, ft, fd = floors.measure_sampling(), floors.measure_training(), floors.measure_decode()
+        epoch_s = s.seconds_sampling + s.seconds_reward + s.seconds_training
         del twin, floors
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -772,14 +774,16 @@ def main_epoch(args, device_name: str) -> dict[str, Any]:
              "seconds_sampling": s.seconds_sampling, "seconds_training": s.seconds_training, "decode_s": dec,
              "sampling_floor_s": fs, "training_floor_s": ft, "sampling_ratio": s.seconds_sampling / fs,
              "sampling_ratio_without_decode": (s.seconds_sampling - dec) / fs,
-             "training_ratio": s.seconds_training / ft, "peak_above_start": used, "peak_total_cuda": total,
+             "training_ratio": s.seconds_training / ft, "decode_floor_s": fd, "total_ratio": epoch_s / (fs + ft),
+             "work_ratio": epoch_s / (fs + ft + fd), "peak_above_start": used, "peak_total_cuda": total,
              "plan_peak": plan.peak, "plan_above_weights": plan.peak - plan.training["weights"],
              "vae_weights": vae_bytes, "reward_mean": s.reward_mean, "plan": plan.describe()}
         results.append(r)
         print(f"  checkpointing {ckpt}: sampling {s.seconds_sampling:.3f} s (decode {dec:.3f} s), training "
               f"{s.seconds_training:.3f} s; floors: sampling {fs:.3f} s, training {ft:.3f} s (no checkpointing); "
               f"ratios: sampling {r['sampling_ratio']:.3f} (without decode {r['sampling_ratio_without_decode']:.3f}), "
-              f"training {r['training_ratio']:.3f}", flush=True)
+              f"training {r['training_ratio']:.3f}; total / U-Net floors {r['total_ratio']:.3f}, total / (U-Net floors "
+              f"+ bare decode {fd:.3f} s) {r['work_ratio']:.3f}", flush=True)
         print(f"    peak memory of the epoch: {gib(used, 3)} GiB above its start"
               + (f", {gib(total, 3)} GiB allocated in all" if total is not None else " (RSS high-water)")
               + f"; plan: {gib(plan.peak, 3)} GiB in all, {gib(plan.peak - plan.training['weights'], 3)} GiB above "

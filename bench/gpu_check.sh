@@ -5,7 +5,7 @@
 #   2. the same for SD 1.5 in fp32;
 #   3. one warm-up + one measured Trainer epoch of SD 1.5-size random weights through ComfyHost in bf16 (4 images,
 #      10 steps, 512²), with and without checkpointing: peak memory against the plan, and bench_train's floors and
-#      ratios on the same U-Net.
+#      ratios on the same U-Net and VAE (total / U-Net floors, and / U-Net floors + the bare decode).
 #
 # Usage, from anywhere:   bash bench/gpu_check.sh
 #   PY                  the ComfyUI venv's python (default: `python3 scripts/comfy_host.py python`, which builds the
