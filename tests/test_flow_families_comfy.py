@@ -31,7 +31,10 @@ MiB = 2 ** 20
 def checkpoints():
     """(MODEL, CLIP, VAE) per family, built once (SD 3.x's 4096-wide T5 takes seconds), under inference mode."""
     with torch.inference_mode():
-        return {f: tiny_models.tiny_checkpoint(f, 0, True) for f in FAMILIES}
+        built = {f: tiny_models.tiny_checkpoint(f, 0, True) for f in FAMILIES}
+        # Flux schnell: the same CLIP-L + T5 and VAE; the transformer without guidance embedding, shift 1
+        built["schnell"] = (tiny_models.tiny_transformer("flux", 0, True, schnell=True), *built["flux"][1:])
+        return built
 
 
 def host_of(checkpoints, family: str, encoders=None, seed: int = 0) -> ComfyHost:
@@ -59,10 +62,12 @@ def test_the_host_knows_the_family_and_puts_a_lora_on_t5(checkpoints, family):
             host_of(checkpoints, family, ["clip_g"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "schnell"])
 def test_without_noise_the_chain_is_comfys_own_euler_sampler(checkpoints, family):
     """SD 3.x: KSampler euler / simple at cfg 3 with the negative prompt. Flux: cfg 1 (ComfyUI's one pass) with
-    guidance 3 in the conditioning, as FluxGuidance puts it; the pack's chain from the same noise must match."""
+    guidance 3 in the conditioning, as FluxGuidance puts it; the pack's chain from the same noise must match.
+    Flux schnell: cfg 1 and no guidance (its workflows have no FluxGuidance; its model has no guidance input), on
+    its own shift-1 times."""
     import comfy.sample
 
     model, clip, vae = checkpoints[family]
@@ -75,7 +80,7 @@ def test_without_noise_the_chain_is_comfys_own_euler_sampler(checkpoints, family
                                   stochastic=torch.zeros(2, cfg.num_steps, dtype=torch.bool))
     shape = host.latent_shape(32, 32)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(2)])
-    extra, scale = ({"guidance": 3.0}, 1.0) if family == "flux" else ({}, 3.0)
+    extra, scale = {"flux": ({"guidance": 3.0}, 1.0), "schnell": ({}, 1.0)}.get(family, ({}, 3.0))
     with torch.inference_mode():
         theirs = comfy.sample.sample(model, noise, cfg.num_steps, scale, "euler", "simple",
                                      comfy_cond(clip, PROMPTS[0], **extra),
@@ -142,7 +147,18 @@ def test_gradient_checkpointing_is_turned_off_for_flux_with_a_warning(checkpoint
     assert "gradient checkpointing is off for Flux" in caplog.text
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def test_flux_schnell_says_its_guidance_setting_has_no_effect(checkpoints, caplog):
+    with caplog.at_level("INFO"):
+        host = host_of(checkpoints, "schnell")
+    assert host.family == "flux" and not host.uses_negative_prompt
+    assert "no guidance input (Flux schnell)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        host_of(checkpoints, "flux")
+    assert "schnell" not in caplog.text
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "schnell"])
 def test_a_run_resumes_exactly(checkpoints, family, tmp_path):
     def final_lora(stops: list[int]) -> torch.Tensor:
         ckpt = tmp_path / f"ckpt_{len(stops)}.pt"

@@ -283,6 +283,10 @@ class ComfyHost:
         self.model_family = family_of_comfy_config(getattr(model.model, "model_config", None))
         self.distilled_guidance = bool(self.model_family and FAMILIES[self.model_family].distilled_guidance)
         self.uses_negative_prompt = not self.distilled_guidance  # Flux: one pass, the guidance is an input
+        params = getattr(model.model.diffusion_model, "params", None)
+        if self.distilled_guidance and params is not None and not getattr(params, "guidance_embed", True):
+            log.info("this Flux model has no guidance input (Flux schnell): it samples in one pass at cfg 1 and the "
+                     "guidance setting has no effect")
         self.alphas_cumprod = (None if self.flow else
                                abar_from_sigma(sampling.sigmas.detach().float().cpu()).contiguous())
         self.sample_sigmas: torch.Tensor | None = None  # the run's DDIM sigmas, for MODEL patches that read them

@@ -230,11 +230,15 @@ TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_
              "axes_dim": [4, 14, 14], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
 
 
-def tiny_transformer(family: str, seed: int = 0, text_controls_image: bool = False) -> comfy.model_patcher.ModelPatcher:
+def tiny_transformer(family: str, seed: int = 0, text_controls_image: bool = False,
+                     schnell: bool = False) -> comfy.model_patcher.ModelPatcher:
     """A tiny SD 3.x (MMDiT, rectified flow, shift 3) or Flux (guidance-distilled) MODEL in ComfyUI's own classes,
-    sampled as their checkpoints are (comfy.supported_models.SD3 / Flux: ModelSamplingDiscreteFlow / ModelSamplingFlux)."""
+    sampled as their checkpoints are (comfy.supported_models.SD3 / Flux: ModelSamplingDiscreteFlow / ModelSamplingFlux).
+    schnell: Flux schnell (no guidance embedding, shift 1: comfy.supported_models.FluxSchnell)."""
     if family == "sd3":
         cfg = comfy.supported_models.SD3(dict(TINY_MMDIT))
+    elif family == "flux" and schnell:
+        cfg = comfy.supported_models.FluxSchnell({**TINY_FLUX, "guidance_embed": False})
     elif family == "flux":
         cfg = comfy.supported_models.Flux(dict(TINY_FLUX))
     else:
