@@ -138,6 +138,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=None,
                    help="calls per row; the first is warm-up for the time when more (default: 1 on CPU, 3 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every row's process")
+    p.add_argument("--no-onednn", action="store_true",
+                   help="CPU: PyTorch's own convolution kernels instead of oneDNN's. On CPUs without AVX512-BF16 "
+                        "oneDNN's bf16 convolution is 75-200x slower than fp32 here (ATen's ~6x): this makes the bf16 rows "
+                        "take minutes instead of hours; autograd saves the same tensors")
     p.add_argument("--process-per", choices=["row", "model"], default=None,
                    help="a fresh process per row (default on CPU: the RSS high-water mark is per process) or per "
                         "model and dtype (default on CUDA: max_memory_allocated resets per phase)")
@@ -453,6 +457,8 @@ def run_worker(spec: dict[str, Any]) -> int:
     torch, mm = env["torch"], env["mm"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("no_onednn"):
+        torch.backends.mkldnn.enabled = False
     device = mm.get_torch_device()
     meta = spec.get("meta", False)
     key, dtype_name, tiny = spec["model"], spec["dtype"], spec["tiny"]
@@ -466,6 +472,7 @@ def run_worker(spec: dict[str, Any]) -> int:
     cfg = bench_config(env, size, spec["batch"])
     common = {"model": key, "label": LABELS[key] + (" (tiny)" if tiny else ""), "size": size, "dtype": dtype_name,
               "batch": spec["batch"], "device": str(device), "attention": env["attention"],
+              "onednn": torch.backends.mkldnn.enabled,
               "unet_parameters": sum(p.numel() for p in model.model.diffusion_model.parameters()),
               "clip_parameters": sum(p.numel() for p in clip.cond_stage_model.parameters()),
               "build_s": round(build_s, 2)}
@@ -633,7 +640,7 @@ def header(args, device: str) -> str:
             f"device {device}{gpu}, {platform.machine()}, {os.cpu_count()} CPUs, threads "
             f"{args.threads or os.environ.get('OMP_NUM_THREADS') or 'default'}, load average "
             f"{'-' if load is None else round(load, 2)}, RAM available {gib(ram, 1)} GiB; batch {args.batch}, "
-            f"attention {args.attention}")
+            f"attention {args.attention}" + (", oneDNN off" if getattr(args, "no_onednn", False) else ""))
 
 
 def main_rows(args, device: str) -> dict[str, Any]:
@@ -650,7 +657,8 @@ def main_rows(args, device: str) -> dict[str, Any]:
         for dtype in args.dtypes:
             base = {"model": key, "dtype": dtype, "tiny": args.tiny, "device": device, "batch": args.batch,
                     "size": args.size,
-                    "calls": calls, "attention": args.attention, "threads": args.threads, "verbose": args.verbose}
+                    "calls": calls, "attention": args.attention, "threads": args.threads, "verbose": args.verbose,
+                    "no_onednn": args.no_onednn}
             phases = phases_of(args)
             groups = [[ph] for ph in phases] if per == "row" else [phases]
             jobs += [(base, g) for g in groups]
