@@ -252,6 +252,44 @@ def test_a_flux_file_with_a_transformer_part_applies_its_text_encoders_and_repor
     assert "not applied: connect a MODEL" in report
 
 
+@pytest.mark.parametrize("family,unet_key,width,out", [
+    ("flux", "lora_unet_double_blocks_0_img_attn_qkv", 64, 192),            # sd-scripts: the fused qkv
+    ("flux", "transformer.single_transformer_blocks.0.attn.to_q", 64, 64),  # diffusers: q, a slice of linear1
+    ("sd3", "lora_unet_joint_blocks_0_x_block_attn_qkv", 128, 384),
+    ("sd3", "transformer.transformer_blocks.0.attn.to_q", 128, 128)])
+def test_a_transformer_part_goes_to_the_model_like_the_stock_loader(family, unet_key, width, out, clips, loras_dir):
+    """With a MODEL (the tiny Flux / SD 3.x transformer in ComfyUI's classes) the transformer part of a file gives
+    the weights ComfyUI's LoraLoader gives, whole or as a slice of a fused layer, and the text-encoder part the
+    same conditioning."""
+    import comfy.lora
+
+    clip = clips.base(family)
+    with torch.inference_mode():
+        model = tiny_models.tiny_transformer(family, 0)
+    g = torch.Generator().manual_seed(7)
+    sd = as_kohya(clips.mods(family, ("t5xxl",)))
+    if unet_key.startswith("transformer."):
+        sd[f"{unet_key}.lora_A.weight"] = torch.randn(4, width, generator=g)
+        sd[f"{unet_key}.lora_B.weight"] = torch.randn(out, 4, generator=g)
+    else:
+        sd[f"{unet_key}.lora_down.weight"] = torch.randn(4, width, generator=g)
+        sd[f"{unet_key}.lora_up.weight"] = torch.randn(out, 4, generator=g)
+        sd[f"{unet_key}.alpha"] = torch.tensor(2.0)
+    name = write(loras_dir / "both.safetensors", sd)
+    ours_clip, ours_model, report = run_loader(clip, model, lora_1=name, strength_1=STRENGTH)
+    stock_model, stock_clip = stock_lora_loader(clip, name, STRENGTH, model=model)
+    assert "keys not matched: 0" in report and "U-Net: 1 modules" in report, report
+    assert set(ours_model.patches) == set(stock_model.patches) and len(ours_model.patches) == 1
+    key = next(iter(stock_model.patches))
+    base = model.model.state_dict()[key].float()
+    ours = comfy.lora.calculate_weight(ours_model.patches[key], base.clone(), key)
+    theirs = comfy.lora.calculate_weight(stock_model.patches[key], base.clone(), key)
+    assert torch.equal(ours, theirs) and (ours - base).abs().max() > 1e-3
+    assert int(((ours - base).abs().amax(dim=1) > 0).sum()) == out  # a diffusers q: only its rows of the fused layer
+    assert_same(encode(ours_clip), encode(stock_clip), tol=1e-6)
+    assert not model.patches  # the MODEL passed in is left as it was
+
+
 def test_keys_the_loader_does_not_know_are_reported_without_a_model(clips, loras_dir):
     """A key of no text-encoder layer the pack knows is counted in the report instead of saying every key matched."""
     sd = as_kohya(clips.mods("flux", ("t5xxl",)))
