@@ -21,7 +21,7 @@ from ..training.hosts.comfy import ComfyHost
 from ..training.lora import LoraFileError, read_lora
 from ..training.lora.family import family_of_comfy_config, native_size
 from ..training.loop import TrainingCancelled
-from ..training.memory_plan import check_fits, plan_memory
+from ..training.memory_plan import check_fits, close_to_limit, plan_memory
 from ..training.run import RunFiles, TrainingRun
 from . import progress
 from .lora_apply import ClipLayout, clip_patches, match_to_clip
@@ -129,6 +129,9 @@ def check_memory(host: ComfyHost, cfg: TrainConfig) -> None:
     available, device = host.available_memory()
     log.info("TexForce memory plan on %s (%.2f GiB available): %s", device, available / 2**30, plan.describe())
     check_fits(plan, available, device)
+    warning = close_to_limit(plan, available, device)
+    if warning:
+        log.warning("TexForce: %s", warning)
 
 
 def _prompt_list(text: str) -> list[str]:

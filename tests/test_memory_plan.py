@@ -183,6 +183,29 @@ def test_a_gpu_plan_is_refused_with_its_numbers_and_the_cpu_only_beyond_ram():
     mp.check_fits(checkpointed, 6 * mp.GIB, "cuda:0")  # what the message suggests does fit
 
 
+def test_a_run_that_fits_by_less_than_the_plans_known_error_is_warned_about(monkeypatch, caplog):
+    """The plan has come out up to 15% under measured peaks: a run that fits by less gets a warning that says what
+    to lower; one with room gets none; on the CPU the weights already in RAM do not count."""
+    plan = sd15_plan()
+    assert mp.close_to_limit(plan, 24 * mp.GIB, "cuda:0") is None
+    message = mp.close_to_limit(plan, plan.peak / 0.9, "cuda:0")
+    assert message and "close to the cuda:0 memory limit" in message and "batch size" in message
+    assert mp.close_to_limit(plan, plan.peak / 0.8, "cuda:0") is None
+    weights = plan.training["weights"]
+    assert mp.close_to_limit(plan, (plan.peak - weights) / 0.8, "cpu") is None
+    assert mp.close_to_limit(plan, (plan.peak - weights) / 0.9, "cpu")
+
+    host, *_ = build()  # through the node: the warning goes to the log, the run is not refused
+    cfg = small_config(height=64, width=64)
+    need = mp.plan_memory(host.memory_inputs(cfg)).peak - mp.plan_memory(host.memory_inputs(cfg)).training["weights"]
+    monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                        lambda dev=None, torch_free_too=False: int(need / 0.95))
+    monkeypatch.setattr(comfy.model_management, "current_loaded_models", [])
+    with caplog.at_level("WARNING"):
+        train_node.check_memory(host, cfg)
+    assert "close to the cpu memory limit" in caplog.text
+
+
 def test_gradient_checkpointing_is_an_optional_node_input_defaulting_to_auto():
     schema = train_node.TexForceTrain.define_schema()
     inputs = {i.id: i for i in schema.inputs}
