@@ -206,6 +206,27 @@ def test_a_run_that_fits_by_less_than_the_plans_known_error_is_warned_about(monk
     assert "close to the cpu memory limit" in caplog.text
 
 
+def test_the_memory_available_skips_loaded_models_that_were_garbage_collected(monkeypatch):
+    """ComfyUI lists a loaded model until its next clean-up even after the model is gone (its entry's model is
+    None): such an entry holds nothing and must not break the check before the first epoch."""
+    import gc
+    import weakref
+
+    mm = comfy.model_management
+    host, *_ = build()
+    with torch.inference_mode():
+        other = tiny_models.tiny_model(1)
+    entry = mm.LoadedModel(other)
+    entry.real_model = weakref.ref(other.model)  # as model_load leaves it (ComfyUI's own clean-up reads it)
+    monkeypatch.setattr(mm, "current_loaded_models", [entry])
+    del other
+    gc.collect()
+    assert entry.model is None
+    monkeypatch.setattr(mm, "current_loaded_models", [entry])  # listed until ComfyUI's next clean-up
+    available, device = host.available_memory()
+    assert available == float(mm.get_free_memory(torch.device(device)))
+
+
 def test_gradient_checkpointing_is_an_optional_node_input_defaulting_to_auto():
     schema = train_node.TexForceTrain.define_schema()
     inputs = {i.id: i for i in schema.inputs}

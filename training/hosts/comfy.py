@@ -421,8 +421,9 @@ class ComfyHost:
         """(bytes, device name): what ComfyUI reports free on the model's device, plus what the models it has
         loaded there hold (it unloads them to load ours; ours are counted in the plan's weights)."""
         device = torch.device(self.device)
+        # an entry whose model was garbage-collected stays listed until ComfyUI's next clean-up: it holds nothing
         loaded = sum(m.model_loaded_memory() for m in comfy.model_management.current_loaded_models
-                     if torch.device(m.device) == device)
+                     if m.model is not None and torch.device(m.device) == device)
         return float(comfy.model_management.get_free_memory(device)) + loaded, str(device)
 
     # -- Host interface -------------------------------------------------------------------------
