@@ -98,8 +98,11 @@ class Page:
         self.page.route("**/*", self._route)
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}\n{getattr(e, 'stack', '')}"))
+        # net::ERR_ABORTED is the browser cancelling a request itself (a reload drops the images still loading),
+        # not an answer of the server: not an error of the page
         self.page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url} {r.failure}")
-                     if r.url.startswith(server.url) and "texforce" in r.url.lower() else None)
+                     if r.url.startswith(server.url) and "texforce" in r.url.lower()
+                     and r.failure != "net::ERR_ABORTED" else None)
 
     def _route(self, route):
         url = route.request.url
