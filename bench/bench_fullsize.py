@@ -140,8 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every row's process")
     p.add_argument("--no-onednn", action="store_true",
                    help="CPU: PyTorch's own convolution kernels instead of oneDNN's. On CPUs without AVX512-BF16 "
-                        "oneDNN's bf16 convolution is 75-200x slower than fp32 here (ATen's ~6x): this makes the bf16 rows "
-                        "take minutes instead of hours; autograd saves the same tensors")
+                        "oneDNN's bf16 convolution is 75-200x slower than fp32 here (ATen's ~6x): the bf16 rows "
+                        "take tens of minutes instead of many hours; autograd saves the same tensors")
     p.add_argument("--process-per", choices=["row", "model"], default=None,
                    help="a fresh process per row (default on CPU: the RSS high-water mark is per process) or per "
                         "model and dtype (default on CUDA: max_memory_allocated resets per phase)")
