@@ -307,8 +307,7 @@ def build(env, model_key: str, dtype_name: str, tiny: bool, meta: bool = False, 
     config_class = getattr(comfy.supported_models, class_name)
     dtype = getattr(torch, DTYPES[dtype_name])
     if tiny:
-        tiny_models = _load("texforce_test_nodes", REPO / "tests" / "comfy_nodes" / "texforce_test_nodes",
-                            package=True).tiny_models
+        tiny_models = _tiny_models()
         unet_config = dict(tiny_models.TINY_UNET if family == "sd1" else tiny_models.TINY_UNET_SDXL)
         if family == "sdxl":
             unet_config.update(num_heads=-1, num_head_channels=16)  # as tiny_models.tiny_unet
@@ -340,8 +339,7 @@ def build_vae(env, tiny: bool, seed: int = 2):
 
     torch = env["torch"]
     if tiny:
-        tiny_models = _load("texforce_test_nodes", REPO / "tests" / "comfy_nodes" / "texforce_test_nodes",
-                            package=True).tiny_models
+        tiny_models = _tiny_models()
         ddconfig = dict(tiny_models.TINY_VAE)
     else:
         ddconfig = dict(SD_VAE)
@@ -890,7 +888,7 @@ def main_flops(args) -> dict[str, Any]:
     print("-" * len(head))
     rows = []
     for key in args.models:
-        size = model_size(key, args.tiny, args.size if not args.tiny else (args.size or c["height"]))
+        size = model_size(key, args.tiny, args.size or (c["height"] if args.tiny else None))
         f = model_flops(env, key, args.tiny, size)
         unet_epoch = images * (steps * f["call"] + K * f["train"])
         dec, enc = images * f["decode"] / unet_epoch, encodes * f["encode"] / unet_epoch

@@ -216,11 +216,11 @@ class Floors:
                 out = twin(x, t, context=leaf)
                 grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(b)).to(out.device, out.dtype)
                 self.train_inputs[b] = (x, t, leaf, grad)
-        shape = host.latent_shape(cfg.height, cfg.width)
-        ae = next(autoencoder.parameters()) if autoencoder is not None else None
-        self.latents = {b: torch.randn((b, *shape), generator=torch.Generator().manual_seed(200 + b)).to(
-            ae.device if ae is not None else dev, ae.dtype if ae is not None else None)
-            for b in set(self.sample_batches)}
+        self.latents = {}  # the decode floor's inputs, on the autoencoder's device and in its dtype
+        if autoencoder is not None:
+            shape, ae = host.latent_shape(cfg.height, cfg.width), next(autoencoder.parameters())
+            self.latents = {b: torch.randn((b, *shape), generator=torch.Generator().manual_seed(200 + b)).to(
+                ae.device, ae.dtype) for b in set(self.sample_batches)}
         self.sampling: list[float] = []
         self.training: list[float] = []
         self.decode: list[float] = []
@@ -502,7 +502,6 @@ def main() -> int:
     encoder_step()
     enc = statistics.median(encoder_step() for _ in range(5))
     enc_epoch = enc * (len(training_microbatches(cfg)) // cfg.gradient_accumulation_steps)  # × optimizer steps
-
 
     # 2. measured epochs, each followed by `repeats` repeats of both floors (interleaved, so that a machine
     #    that gets busier or quieter during the run moves epochs and floors alike)

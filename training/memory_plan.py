@@ -653,16 +653,20 @@ def _gib(x: float) -> str:
 UNDER_ESTIMATE = 0.15
 
 
+def _resident(plan: MemoryPlan, device: str) -> float:
+    """What of the plan is already in memory before the run: on the CPU the weights are in RAM."""
+    return plan.training["weights"] if device.startswith("cpu") else 0.0
+
+
 def close_to_limit(plan: MemoryPlan, available: float, device: str) -> str | None:
     """A warning when the run fits by the plan but by less than UNDER_ESTIMATE of what is available (None
     otherwise); call after check_fits."""
-    resident = plan.training["weights"] if device.startswith("cpu") else 0.0
-    need = plan.peak - resident
+    need = plan.peak - _resident(plan, device)
     if need <= (1 - UNDER_ESTIMATE) * available:
         return None
     return (f"This run is close to the {device} memory limit: it needs about {_gib(need)} by the plan and "
-            f"{_gib(available)} is available. The plan has come out up to {UNDER_ESTIMATE:.0%} below measured peaks; "
-            "if the run stops with an out-of-memory error, lower the batch size or the width/height, or turn "
+            f"{_gib(available)} is available. The plan is an estimate (it has come out up to 13% below measured "
+            "full-size peaks); if the run stops with an out-of-memory error, lower the batch size or the width/height, or turn "
             "gradient checkpointing on.")
 
 
@@ -674,7 +678,7 @@ def check_fits(plan: MemoryPlan, available: float, device: str, *, batch_label: 
     estimate of each way to lower it."""
     p = plan.inputs
     cpu = device.startswith("cpu")
-    resident = plan.training["weights"] if cpu else 0.0  # weights already in RAM on the CPU
+    resident = _resident(plan, device)
     need = plan.peak - resident
     if need <= available:
         return
